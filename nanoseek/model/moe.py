@@ -1,0 +1,108 @@
+"""DeepSeekMoE (V3 section 2.1.2): fine-grained routed experts plus always-on shared experts.
+
+Gate (noaux_tc, V3):  s_i = sigmoid(u^T e_i);  selection uses s_i + b_i (the auxiliary-loss-free balancing bias),
+restricted to the `topk_group` groups with the largest sum of their top-2 biased scores;  the weights g_i come from
+the unbiased s_i of the chosen K_r experts, normalised over them and times `routed_scaling_factor`.
+V2-style gates (softmax scores, no bias, group score = max) are covered by `scoring_func` / `topk_method`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))  # e_i, one row per expert
+        # b_i: moved by the balancing rule after each step, never by gradients; used for selection only.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
+                             if cfg.topk_method == "noaux_tc" else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> weights (N, K_r), expert indices (N, K_r), scores s (N, E). Computed in fp32."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            if self.e_score_correction_bias is None:
+                group_scores = grouped.amax(dim=-1)
+            else:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, n_group)
+            top_groups = group_scores.topk(cfg.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, indices, scores
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked weights; tokens are sorted by expert and run as one grouped GEMM each."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # (E, I, D), as nn.Linear stores it
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # (E, D, I)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D), weights/indices (N, K) -> output (N, D) and tokens per expert (E,)."""
+        n_experts = self.gate_proj.shape[0]
+        flat = indices.flatten()  # (N*K,)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=n_experts)
+        token = order // indices.shape[1]  # which token each sorted slot belongs to
+        xs = x[token]  # (N*K, D), grouped by expert
+        h = F.silu(grouped_linear(xs, self.gate_proj, counts)) * grouped_linear(xs, self.up_proj, counts)
+        ys = grouped_linear(h, self.down_proj, counts) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys), counts
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (M, in) sorted by group, counts (E,) rows per group, w (E, out, in) -> (M, out)."""
+    if hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        offsets = counts.cumsum(0).to(torch.int32)
+        return F.grouped_mm(x, w.transpose(1, 2), offs=offsets)
+    return torch.cat([xe @ we.T for xe, we in zip(x.split(counts.tolist()), w)])
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> (B, T, D) and the number of tokens routed to each expert (E,)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices, _ = self.gate(x)
+        y, counts = self.experts(x, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape), counts

@@ -1,0 +1,145 @@
+"""The DeepSeek-V3 decoder: pre-norm blocks of MLA + (dense MLP | DeepSeekMoE), a final norm, the head, and MTP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA, LatentCache, RMSNorm
+from .moe import MLP, MoE, Experts, Gate
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V): position t predicts token t+1
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T-k, V), position t predicts t+k+1
+    router: list[torch.Tensor] = field(default_factory=list)  # per MoE layer of the main model: tokens per expert (E,)
+    hidden: torch.Tensor | None = None  # (B, T, D): final normed hidden state, what the head and MTP read
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.self_attn = MLA(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, cache: LatentCache | None = None, start_pos: int = 0):
+        """x (B, T, D) -> (B, T, D), tokens per expert (E,) or None for a dense layer."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start_pos)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            h, counts = self.mlp(h)
+            return x + h, counts
+        return x + self.mlp(h), None
+
+
+class MTPLayer(Block):
+    """Multi-token prediction module k (V3 section 2.2): h'_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))],
+    then one Transformer block; the output head (and embedding) are shared with the main model, after a norm of
+    its own. Names match the official checkpoint's layer `num_hidden_layers + k - 1`."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)  # M_k
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h_prev, emb, rope, cache: LatentCache | None = None, start_pos: int = 0):
+        """h_prev, emb (B, T, D) -> normed hidden state h^k (B, T, D) ready for the shared head."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        x, _ = super().forward(x, rope, cache, start_pos)
+        return self.shared_head.norm(x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        n = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPLayer(cfg, n + k) for k in range(cfg.num_nextn_predict_layers))
+        self.rope = RotaryEmbedding(cfg)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for matrices and embeddings, ones for norms, zeros for gate biases."""
+        std = self.cfg.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, Gate)):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, Experts):
+                for p in m.parameters():
+                    nn.init.normal_(p, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            if isinstance(m, Gate) and m.e_score_correction_bias is not None:
+                m.e_score_correction_bias.zero_()
+
+    def new_cache(self, batch_size: int, max_len: int, mtp: bool = False) -> list[LatentCache]:
+        """An empty latent cache for every main layer (and the MTP layers when `mtp`)."""
+        w = self.embed_tokens.weight
+        n = len(self.layers) + (len(self.mtp) if mtp else 0)
+        return [LatentCache.empty(self.cfg, batch_size, max_len, w.dtype, w.device) for _ in range(n)]
+
+    def forward(self, input_ids: torch.Tensor, cache: list[LatentCache] | None = None, start_pos: int = 0,
+                return_mtp: bool | None = None) -> ModelOutput:
+        """input_ids (B, T). Without a cache: the whole causal sequence (training). With one: tokens at positions
+        start_pos.. that attend to the cached prefix (decoding). MTP logits by default only without a cache."""
+        B, T = input_ids.shape
+        if start_pos + T > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings "
+                             f"({self.cfg.max_position_embeddings})")
+        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device).expand(B, T)
+        rope = self.rope(positions)
+        x = self.embed_tokens(input_ids)
+        router = []
+        for i, layer in enumerate(self.layers):
+            x, counts = layer(x, rope, cache[i] if cache else None, start_pos)
+            if counts is not None:
+                router.append(counts)
+        h = self.norm(x)
+        out = ModelOutput(logits=self.lm_head(h), router=router, hidden=h)
+        if return_mtp if return_mtp is not None else cache is None:
+            out.mtp_logits = [self.lm_head(hk) for hk in self.mtp_hidden(input_ids, h, rope)]
+        return out
+
+    def mtp_hidden(self, input_ids: torch.Tensor, h: torch.Tensor, rope) -> list[torch.Tensor]:
+        """Chain the MTP modules over a whole sequence: depth k pairs h^{k-1}_i with Emb(t_{i+k}), i < T-k."""
+        hiddens, T = [], input_ids.shape[1]
+        for k, layer in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            cos, sin = rope
+            h = layer(h[:, :T - k], self.embed_tokens(input_ids[:, k:]), (cos[:, :T - k], sin[:, :T - k]))
+            hiddens.append(h)
+        return hiddens
+
+    # ---- Hugging Face directories ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "Transformer":
+        from ..checkpoint import load_model
+        return load_model(path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None):
+        from ..checkpoint import save_model
+        save_model(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
