@@ -45,18 +45,20 @@ class Gate(nn.Module):
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if cfg.topk_method != "greedy" and cfg.n_group > 1:
             grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-            if self.e_score_correction_bias is None:
-                group_scores = grouped.amax(dim=-1)
-            else:
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, n_group)
-            top_groups = group_scores.topk(cfg.topk_group, dim=-1).indices
-            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+            scores_of_groups = group_score(grouped, biased=self.e_score_correction_bias is not None)
+            top_groups = scores_of_groups.topk(cfg.topk_group, dim=-1).indices
+            keep = torch.zeros_like(scores_of_groups, dtype=torch.bool).scatter_(1, top_groups, True)
             choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
         indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, indices)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * cfg.routed_scaling_factor, indices, scores
+
+
+def group_score(grouped: torch.Tensor, biased: bool) -> torch.Tensor:
+    """(N, n_group, E / n_group) -> (N, n_group): V3 sums each group's top-2 biased scores; V2 takes the max."""
+    return grouped.topk(2, dim=-1).values.sum(dim=-1) if biased else grouped.amax(dim=-1)
 
 
 class Experts(nn.Module):
