@@ -1,17 +1,24 @@
-"""Counting from first principles: parameters (total and activated per token), KV-cache bytes, FLOPs per token.
+"""Counting from first principles: parameters (total and activated per token), KV-cache bytes, FLOPs per token,
+and what they cost: training FLOPs, GPU-hours, MFU and dollars; serving memory; the measured cost of our own runs.
 
 Everything is computed from the config alone, so it works for 671B models that no laptop can instantiate; the tests
-check the counts against the parameters of real instantiated models.
+check the counts against the parameters of real instantiated models. GPU figures live in `gpus.py`.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
+from .errors import ConfigError, DataError
+from .gpus import GPUS, get_gpu
 
 
 @dataclass
@@ -118,3 +125,211 @@ def matmul_peak(device: str | torch.device = "cpu", n: int = 2048, repeats: int 
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+# ---- training: FLOPs, GPU-hours, MFU, dollars ------------------------------------------------------------------------
+_SUFFIXES = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+def quantity(text: str) -> float:
+    """A count from the command line: 14.8e12, 14.8T, 2.664M, 180K (B and G: 1e9)."""
+    m = re.fullmatch(r"\s*(\d+\.?\d*(?:e[+-]?\d+)?)\s*([KMBGT]?)\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(text)
+    return float(m[1]) * _SUFFIXES[m[2].upper()]
+
+
+def training_flops(cfg: ModelConfig, tokens: float, seq_len: int = 4096, mtp: bool = True) -> dict:
+    """FLOPs to train on `tokens` tokens of context `seq_len`, per token and in all: 6 x N for the N activated matmul
+    weights (3 x forward), the attention scores and values (3 x forward), and the MTP modules (when `mtp`)."""
+    f = flops_per_token(cfg, seq_len)
+    per_token = {"matmul": 3 * f["forward_matmul"], "attention": 3 * f["forward_attention"],
+                 "mtp": f["mtp_training"] if mtp else 0.0}
+    per_token["total"] = sum(per_token.values())
+    return {"tokens": tokens, "seq_len": seq_len, "activated_matmul_params": param_counts(cfg).matmul_activated,
+            "per_token": per_token, "total": per_token["total"] * tokens}
+
+
+def training_cost(cfg: ModelConfig, tokens: float, gpu: str = "h800", seq_len: int = 4096, *,
+                  mfu: float | None = None, tokens_per_s: float | None = None, gpu_hours: float | None = None,
+                  price: float | None = None, n_gpus: int = 1, precision: str = "bf16", mtp: bool = True) -> dict:
+    """GPU-hours, MFU and dollars to train `cfg` on `tokens` tokens with `n_gpus` GPUs of type `gpu`, from exactly one
+    of: an MFU (a fraction of the dense `precision` peak), a measured throughput (tokens/s of the `n_gpus` together),
+    or claimed GPU-hours (the reverse: the MFU they imply). `by_gpu`: the same FLOPs at that MFU on every GPU type."""
+    given = {k: v for k, v in (("mfu", mfu), ("tokens_per_s", tokens_per_s), ("gpu_hours", gpu_hours)) if v is not None}
+    if len(given) != 1:
+        raise ConfigError("give exactly one of mfu, tokens_per_s (measured throughput) or gpu_hours (claimed)")
+    (basis, value), = given.items()
+    if value <= 0 or (basis == "mfu" and value > 1):
+        raise ConfigError(f"{basis} = {value}: must be > 0" + (" and <= 1" if basis == "mfu" else ""))
+    if tokens <= 0 or n_gpus < 1 or seq_len < 1:
+        raise ConfigError(f"tokens = {tokens}, n_gpus = {n_gpus}, seq_len = {seq_len}: each must be positive")
+    g = get_gpu(gpu)
+    peak = g.peak(precision)  # fails for a GPU without FP8
+    flops = training_flops(cfg, tokens, seq_len, mtp)
+    if basis == "mfu":
+        gpu_seconds = flops["total"] / (mfu * peak)
+    elif basis == "tokens_per_s":
+        gpu_seconds = tokens / tokens_per_s * n_gpus
+    else:
+        gpu_seconds = gpu_hours * 3600
+    achieved = flops["total"] / gpu_seconds  # FLOP/s per GPU
+    mfus = {p: achieved / getattr(g, p) if getattr(g, p) else None for p in ("bf16", "fp8")}
+    price = g.price if price is None else price
+    by_gpu = {}
+    for key, other in GPUS.items():
+        other_peak = getattr(other, precision)
+        hours = flops["total"] / (mfus[precision] * other_peak) / 3600 if other_peak else None
+        rate = price if other is g else other.price
+        by_gpu[key] = {"name": other.name, "peak": other_peak, "gpu_hours": hours, "price": rate,
+                       "dollars": hours * rate if hours else None, "days": hours / n_gpus / 24 if hours else None}
+    hours = gpu_seconds / 3600
+    return {"gpu": {"key": gpu, **g.to_dict()}, "precision": precision, "basis": basis, "given": value,
+            "n_gpus": n_gpus, "flops": flops, "gpu_hours": hours, "price": price, "dollars": hours * price,
+            "days": hours / n_gpus / 24, "tokens_per_s_per_gpu": tokens / gpu_seconds,
+            "achieved_flops_per_s": achieved, "mfu": mfus, "by_gpu": by_gpu}
+
+
+# ---- serving memory -------------------------------------------------------------------------------------------------
+WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "4bit": 0.5}  # per parameter (4-bit: the group scales left out, ~3% more)
+
+
+def serving_memory(cfg: ModelConfig, context: int, batch: int = 1, gpu: str = "h800", mtp: bool = False) -> dict:
+    """Memory to serve `batch` sequences of `context` tokens: the weights at BF16, FP8 and 4 bits, the BF16 KV cache
+    with MLA and with the equivalent multi-head attention, and the fewest GPUs whose memory holds weights + cache (a
+    lower bound: activations, runtime buffers and the shapes parallelism allows come on top)."""
+    if context < 1 or batch < 1:
+        raise ConfigError(f"context = {context}, batch = {batch}: each must be positive")
+    p = param_counts(cfg)
+    n = p.total + (p.mtp_total if mtp else 0)
+    kv = kv_cache_bytes_per_token(cfg)
+    cache = {"mla": kv["mla_bytes"] * context * batch, "mha": kv["mha_bytes"] * context * batch}
+    weights = {w: n * b for w, b in WEIGHT_BYTES.items()}
+
+    def fewest(g, w: str, attention: str) -> int:
+        return math.ceil((weights[w] + cache[attention]) / g.memory_bytes)
+
+    g = get_gpu(gpu)
+    return {"params": n, "context": context, "batch": batch, "weights_bytes": weights, "kv_cache_bytes": cache,
+            "kv_bytes_per_token": {"mla": kv["mla_bytes"], "mha": kv["mha_bytes"]},
+            "gpu": {"key": gpu, **g.to_dict()}, "min_gpus": {w: {a: fewest(g, w, a) for a in cache} for w in weights},
+            "min_gpus_by_type": {key: {w: fewest(o, w, "mla") for w in weights} for key, o in GPUS.items()}}
+
+
+# ---- our own runs ---------------------------------------------------------------------------------------------------
+PIPELINE = ("pretrain", "sft", "grpo", "distill")  # the order stage directories are listed in
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a last line cut short (a run killed mid-write) is left out."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for i, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i != lines[-1][0]:
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def stage_dirs(run_dir: Path) -> list[Path]:
+    """A stage directory (it holds metrics.jsonl) as itself, or the stage directories just below a run directory."""
+    if (run_dir / "metrics.jsonl").exists():
+        return [run_dir]
+    stages = [p.parent for p in run_dir.glob("*/metrics.jsonl")]
+    if not stages:
+        raise DataError(f"{run_dir}: no metrics.jsonl in it or in its subdirectories")
+    return sorted(stages, key=lambda p: (PIPELINE.index(p.name) if p.name in PIPELINE else len(PIPELINE), p.name))
+
+
+def _on_gpus(flops: float, mfu: float) -> dict:
+    """Hours and dollars of `flops` on one GPU of each type at `mfu` of its dense BF16 peak."""
+    return {key: {"hours": flops / (mfu * g.bf16) / 3600, "dollars": flops / (mfu * g.bf16) / 3600 * g.price}
+            for key, g in GPUS.items()}
+
+
+def _stage_cost(path: Path, mfu: float) -> dict:
+    metrics = path / "metrics.jsonl"
+    rows = read_metrics(metrics)
+    if not rows:
+        raise DataError(f"{metrics}: no rows")
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in ("tokens", "seconds", "flops_per_token", "peak_flops") if k not in row]
+        if missing:
+            raise DataError(f"{metrics}:{i}: no {', '.join(missing)} (the training loop writes them in every row)")
+    tokens, seconds = sum(r["tokens"] for r in rows), sum(r["seconds"] for r in rows)
+    if seconds <= 0:
+        raise DataError(f"{metrics}: the steps' seconds add up to {seconds}")
+    flops = sum(r["tokens"] * r["flops_per_token"] for r in rows)
+    peak = max(r["peak_flops"] for r in rows)
+    return {"stage": path.resolve().name, "path": str(path), "steps": len(rows), "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "flops_per_token": rows[-1]["flops_per_token"], "flops": flops,
+            "achieved_flops_per_s": flops / seconds, "peak_flops": peak, "mfu": flops / seconds / peak,
+            "rollouts": "reward" in rows[-1], "gpus": _on_gpus(flops, mfu)}
+
+
+def run_cost(run_dir: Path, mfu: float = 0.4) -> dict:
+    """The measured cost of a run (a stage directory with metrics.jsonl, or a directory of stage directories): per
+    stage tokens, seconds, tokens/s, training FLOPs, achieved FLOP/s and MFU against the device peak timed in the same
+    run, and the hours and dollars the same FLOPs take on one GPU of each type at `mfu` of its dense BF16 peak."""
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"mfu = {mfu}: must be in (0, 1]")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: no such run directory")
+    stages = [_stage_cost(p, mfu) for p in stage_dirs(run_dir)]
+    steps, tokens, seconds, flops = (sum(s[k] for s in stages) for k in ("steps", "tokens", "seconds", "flops"))
+    total = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "flops": flops,
+             "achieved_flops_per_s": flops / seconds,
+             "mfu": flops / sum(s["seconds"] * s["peak_flops"] for s in stages), "gpus": _on_gpus(flops, mfu)}
+    return {"run": str(run_dir), "mfu": mfu, "prices": {k: g.price for k, g in GPUS.items()}, "stages": stages,
+            "total": total}
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if seconds >= 2 * size or unit == "s" and seconds >= 1:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} µs"
+
+
+def format_dollars(x: float) -> str:
+    if x >= 1e6:
+        return f"${x / 1e6:,.3f}M"
+    if x >= 100:
+        return f"${x:,.0f}"
+    return f"${x:.2f}" if x >= 0.01 else f"${x:.1e}"
+
+
+def format_run_cost(d: dict) -> str:
+    """`run_cost`'s result as markdown: what was measured per stage, then the same FLOPs on each GPU type."""
+    stages, total = d["stages"], d["total"]
+    lines = ["| stage | steps | tokens | time | tokens/s | training FLOPs | achieved FLOP/s | device peak | MFU |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for s in stages:
+        lines.append(f"| {s['stage']} | {s['steps']:,} | {s['tokens']:,} | {format_duration(s['seconds'])} | "
+                     f"{s['tokens_per_s']:,.0f} | {s['flops']:.3g} | {s['achieved_flops_per_s']:.3g} | "
+                     f"{s['peak_flops']:.3g} | {s['mfu']:.1%} |")
+    if len(stages) > 1:
+        lines.append(f"| total | {total['steps']:,} | {total['tokens']:,} | {format_duration(total['seconds'])} | "
+                     f"{total['tokens_per_s']:,.0f} | {total['flops']:.3g} | {total['achieved_flops_per_s']:.3g} | | "
+                     f"{total['mfu']:.1%} |")
+    names = [s["stage"] for s in stages] + (["total"] if len(stages) > 1 else [])
+    lines += ["", f"The same FLOPs on one GPU at {d['mfu']:.0%} MFU of its dense BF16 peak:", "",
+              "| GPU | BF16 peak | $/GPU-hour | " + " | ".join(names) + " | dollars |",
+              "|---|--:|--:|" + "--:|" * len(names) + "--:|"]
+    for key, g in GPUS.items():
+        times = [format_duration(s["gpus"][key]["hours"] * 3600) for s in stages]
+        times += [format_duration(total["gpus"][key]["hours"] * 3600)] if len(stages) > 1 else []
+        lines.append(f"| {g.name} | {g.bf16 / 1e12:,.0f} TFLOP/s | {d['prices'][key]:.2f} | " + " | ".join(times) +
+                     f" | {format_dollars(total['gpus'][key]['dollars'])} |")
+    lines += ["", "Training FLOPs per token: 6 x activated matmul weights + attention + MTP (nanoseek/cost.py). "
+              "Device peak: the best dense matmul rate timed on this device during the run (fp32 on CPU, bf16 on "
+              "CUDA); GPU peaks and prices: nanoseek/gpus.py."]
+    if any(s["rollouts"] for s in stages):
+        lines.append("RL stages: the step time includes generating the rollouts; the FLOPs count only the policy "
+                     "update, so their MFU understates the device's use.")
+    return "\n".join(lines)

@@ -8,7 +8,8 @@ A stage (pretrain, SFT, later GRPO and distillation) hands the Trainer a model, 
   -> every `save_every` steps an atomic checkpoint, keeping the last `keep_last`.
 
 MFU is measured against the best dense-matmul rate of this device timed in the same run (at the start and at
-every checkpoint), with the model FLOPs of `cost.flops_per_token`.
+every checkpoint), with the model FLOPs of `cost.flops_per_token`; every metrics row carries both (`flops_per_token`,
+`peak_flops`), so `nanoseek cost --run` can account for the run afterwards.
 
 Checkpoints are `OUT/checkpoints/step_NNNNNN/{model/ (a Hugging Face directory), trainer_state/state.pt}`, written
 under a `.tmp` name and renamed, so a kill at any moment leaves the previous checkpoint intact. `resume` restores
@@ -172,7 +173,8 @@ class Trainer:
                 "grad_norm": round(float(grad_norm), 5), "bias_gamma": gamma,
                 "maxvio": maxvio, "maxvio_mean": round(sum(maxvio) / len(maxvio), 4) if maxvio else 0.0,
                 "tokens": tokens, "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
-                "mfu": round(tokens / seconds * self.flops_per_token / self.peak, 4)}
+                "mfu": round(tokens / seconds * self.flops_per_token / self.peak, 4),
+                "flops_per_token": self.flops_per_token, "peak_flops": round(self.peak)}
 
     def fit(self) -> dict:
         cfg = self.cfg
