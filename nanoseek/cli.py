@@ -56,40 +56,24 @@ def cmd_info(args) -> None:
           f"{cfg.num_experts_per_tok} routed experts + gates in every MoE layer")
 
 
-def cmd_demo(args) -> None:
-    """The main job at this stage: the V3 figures, then a random tiny V3 run end to end on this machine."""
-    import torch
-    from .engine import greedy_generate
-    from .model import Transformer
+def cmd_pipeline(args) -> None:
+    """The end-to-end demo (`nanoseek demo`) and other multi-stage recipes (`nanoseek pipeline --recipe r1`)."""
+    import shutil
 
-    out = Path(args.out)
-    print("== DeepSeek-V3 (671B), counted from its config ==")
-    cmd_info(argparse.Namespace(model=None, preset="v3-671b", json=False, seq_len=4096))
-    print(f"\n== a random '{args.preset}' V3 model on {'CUDA' if torch.cuda.is_available() else 'CPU'} ==")
-    torch.manual_seed(args.seed)
-    cfg = ModelConfig.from_preset(args.preset)
-    model = Transformer(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 32))
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        o = model(ids)
-        loss = torch.nn.functional.cross_entropy(o.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    print(f"  parameters: {model.num_parameters():,}; forward of {tuple(ids.shape)} tokens in "
-          f"{(time.perf_counter() - t0) * 1e3:.0f} ms; loss {loss:.3f} (uniform guess: {torch.log(torch.tensor(cfg.vocab_size)):.3f})")
-    print(f"  MTP logits: {[tuple(m.shape) for m in o.mtp_logits]}; tokens per expert, layer "
-          f"{cfg.first_k_dense_replace}: {o.router[0].tolist()}")
-    gen = greedy_generate(model, ids[:1, :8], max_new_tokens=16)
-    with torch.no_grad():  # the absorbed decode path must agree with the naive training path
-        diff = (model(gen).logits[0, 7:-1].argmax(-1) != gen[0, 8:]).sum().item()
-    print(f"  greedy generation (latent KV cache): {gen[0, 8:].tolist()}; "
-          f"{'agrees with' if diff == 0 else f'{diff} tokens differ from'} the full forward")
-    model_dir = out / "model"
-    model.save_pretrained(model_dir)
-    reloaded = Transformer.from_pretrained(model_dir)
-    with torch.no_grad():
-        same = torch.equal(reloaded(ids).logits, o.logits)
-    print(f"  saved as a Hugging Face DeepseekV3 directory: {model_dir} (reload {'identical' if same else 'DIFFERS'})")
-    print(f"\nnext: nanoseek info --model {model_dir}")
+    from .pipeline import STATE, Pipeline, PipelineConfig
+    recipe = args.recipe or ("demo-gpu" if args.device == "cuda" else "demo")
+    out = Path(args.out or f"runs/{Path(recipe).stem}")
+    cfg = PipelineConfig.load(recipe, device=args.device, seed=args.seed)
+    if args.fresh and (out / STATE).exists():
+        shutil.rmtree(out)
+    print(f"nanoseek {args.command}: {recipe} -> {out}" + (f"\n  {cfg.description.strip()}" if cfg.description else ""))
+    result = Pipeline(cfg, out).run()
+    print(f"\nfinished in {result['seconds'] / 60:.1f} min. Held-out pass@1 (mean of {cfg.eval_samples} samples at "
+          f"temperature {cfg.eval_temperature}): "
+          + ", ".join(f"{name} {value:.1%}" for name, value in result["evals"].items()))
+    print(f"  model:  {result['model']}\n  report: {result['report']}")
+    print(f"  chat:   nanoseek chat --model {result['model']}")
+    print(f"  serve:  nanoseek serve --model {result['model']}   (OpenAI-compatible API at http://127.0.0.1:8000/v1)")
 
 
 def cmd_tasks_list(args) -> None:
@@ -274,6 +258,88 @@ def cmd_serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
+def cmd_report(args) -> None:
+    """The report card of a run directory (nanoseek/report.py): report.md and PNG plots, from the run's own files."""
+    from .report import write_report
+    path = write_report(args.run_dir, mfu=args.mfu)
+    plots = sorted((path.parent / "plots").glob("*.png"))
+    print(f"nanoseek report: {path}")
+    if plots:
+        print(f"  plots: {', '.join(p.name for p in plots)} in {path.parent / 'plots'}")
+
+
+def cmd_cost(args) -> None:
+    """Training FLOPs, GPU-hours, MFU and dollars of a model, and its serving memory; or the measured cost of a run."""
+    from .cost import format_dollars, format_run_cost, run_cost, serving_memory, training_cost
+    from .errors import ConfigError
+    if args.run:
+        if any(v is not None for v in (args.tokens, args.tokens_per_s, args.gpu_hours)):
+            raise ConfigError("--run measures its own tokens and time; of the rate options only --mfu applies")
+        d = run_cost(args.run, 0.4 if args.mfu is None else args.mfu)
+        print(json.dumps(d, indent=2) if args.json else f"nanoseek cost: {args.run}\n\n{format_run_cost(d)}")
+        return
+    if args.tokens is None:
+        raise ConfigError("--tokens: give the training tokens (e.g. 14.8e12 or 14.8T)")
+    cfg, source = _load_config(args)
+    rate = {"mfu": args.mfu, "tokens_per_s": args.tokens_per_s, "gpu_hours": args.gpu_hours}
+    if all(v is None for v in rate.values()):
+        rate["mfu"] = 0.4
+    t = training_cost(cfg, args.tokens, args.gpu, args.seq_len, **rate, price=args.price, n_gpus=args.gpus or 1,
+                      precision=args.precision, mtp=not args.no_mtp)
+    s = serving_memory(cfg, args.context or args.seq_len, args.batch, args.gpu)
+    if args.json:
+        print(json.dumps({"source": source, "training": t, "serving": s}, indent=2))
+        return
+    g, f, per = t["gpu"], t["flops"], t["flops"]["per_token"]
+    print(f"nanoseek cost: {source}, {_human(args.tokens)} tokens at context {args.seq_len:,}, {g['name']}")
+    print("training FLOPs per token")
+    scale, unit = (1e9, "GFLOP") if per["total"] >= 1e9 else (1e6, "MFLOP")
+    for name, value in ((f"6 x N, N = {_human(f['activated_matmul_params'])} activated matmul weights", per["matmul"]),
+                        (f"attention scores and values over a causal {args.seq_len:,}-token context",
+                         per["attention"]), ("MTP modules", per["mtp"]), ("total", per["total"])):
+        print(f"  {name:<62} {value / scale:>12,.2f} {unit}")
+    print(f"  {'in all, ' + _human(args.tokens) + ' tokens':<62} {f['total']:>12.4g} FLOP")
+    given = {"mfu": f"at {t['given']:.1%} MFU (given)", "gpu_hours": f"from {t['gpu_hours']:,.0f} GPU-hours (given)",
+             "tokens_per_s": f"from {t['given']:,.0f} tokens/s measured on {t['n_gpus']:,} GPU(s)"}[t["basis"]]
+    fp8 = f", {t['mfu']['fp8']:.1%} of its dense FP8 peak ({g['fp8'] / 1e12:,.1f} TFLOP/s)" if g["fp8"] else ""
+    print(f"training on {g['name']} {given}")
+    print(f"  per GPU:  {t['achieved_flops_per_s'] / 1e12:,.1f} TFLOP/s, {t['tokens_per_s_per_gpu']:,.0f} tokens/s")
+    print(f"  MFU:      {t['mfu']['bf16']:.1%} of the dense BF16 peak ({g['bf16'] / 1e12:,.1f} TFLOP/s){fp8}")
+    print(f"  cost:     {t['gpu_hours']:,.0f} GPU-hours x ${t['price']:.2f} = {format_dollars(t['dollars'])}")
+    if args.gpus:
+        print(f"  wall:     {t['days']:,.1f} days on {args.gpus:,} GPUs")
+    print(f"the same FLOPs at {t['mfu'][t['precision']]:.1%} MFU ({t['precision'].upper()} peaks) on each GPU type")
+    print(f"  {'GPU':<14} {'peak TFLOP/s':>12} {'GPU-hours':>14} {'$/hour':>7} {'dollars':>11}"
+          + (f" {'days on ' + format(args.gpus, ','):>14}" if args.gpus else ""))
+    for r in t["by_gpu"].values():
+        if r["gpu_hours"] is None:
+            print(f"  {r['name']:<14} {'no ' + t['precision'].upper():>12}")
+            continue
+        print(f"  {r['name']:<14} {r['peak'] / 1e12:>12,.1f} {r['gpu_hours']:>14,.0f} {r['price']:>7.2f} "
+              f"{format_dollars(r['dollars']):>11}" + (f" {r['days']:>14,.1f}" if args.gpus else ""))
+    w, kv, n = s["weights_bytes"], s["kv_cache_bytes"], s["min_gpus"]
+    print(f"serving {s['batch']:,} sequence(s) of {s['context']:,} tokens")
+    print(f"  weights:  BF16 {w['bf16'] / 1e9:,.1f} GB, FP8 {w['fp8'] / 1e9:,.1f} GB, 4-bit {w['4bit'] / 1e9:,.1f} GB")
+    print(f"  KV cache: MLA {kv['mla'] / 1e9:,.3f} GB ({s['kv_bytes_per_token']['mla']:,} B/token); the equivalent "
+          f"MHA {kv['mha'] / 1e9:,.3f} GB ({s['kv_bytes_per_token']['mha']:,} B/token), BF16")
+    labels = {"bf16": "BF16", "fp8": "FP8", "4bit": "4-bit"}
+    print(f"  fewest {g['name']} ({g['memory_gib']:g} GiB) holding weights + KV cache, nothing else: "
+          + ", ".join(f"{label} {n[p]['mla']}" for p, label in labels.items())
+          + " (with MHA's cache: " + ", ".join(str(n[p]["mha"]) for p in labels) + ")")
+
+
+def cmd_claims(args) -> None:
+    """The public claims about DeepSeek-V3/R1 with sources, first-principles checks, verdicts and our measurements."""
+    from .claims import claims, claims_json, format_claims, measurements
+    items = claims(measurements(args.run) if args.run else None)
+    if args.json:
+        print(json.dumps(claims_json(items), indent=2))
+        return
+    if not args.markdown:
+        print("nanoseek claims: the public figures about DeepSeek-V3/R1, checked from first principles\n")
+    print(format_claims(items, markdown=args.markdown))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -286,11 +352,49 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--seq-len", type=int, default=4096, help="context length for the attention FLOPs")
     info.set_defaults(func=cmd_info)
 
-    demo = sub.add_parser("demo", help="the main job: V3's figures, then a random tiny V3 end to end")
-    demo.add_argument("--preset", default="tiny", help="the random model to run")
-    demo.add_argument("--out", default="runs/demo", help="where the model directory goes")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=cmd_demo)
+    from .cost import quantity
+    from .gpus import GPUS
+    cost = sub.add_parser("cost", help="training FLOPs, GPU-hours, MFU and dollars; serving memory; a run's cost")
+    cost_source = cost.add_mutually_exclusive_group(required=True)
+    cost_source.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
+    cost_source.add_argument("--model", type=Path, help="a Hugging Face DeepseekV3 directory")
+    cost_source.add_argument("--run", type=Path, help="a run directory (one stage, or a pipeline of stages): measured "
+                             "tokens/s, FLOP/s and MFU, and what the run costs on each GPU type at --mfu")
+    cost.add_argument("--tokens", type=quantity, help="training tokens: 14.8e12 or 14.8T")
+    cost.add_argument("--seq-len", type=int, default=4096, help="training context, for the attention FLOPs")
+    cost.add_argument("--gpu", default="h800", help=f"one of {', '.join(GPUS)}")
+    cost_rate = cost.add_mutually_exclusive_group()
+    cost_rate.add_argument("--mfu", type=float, help="model FLOPs utilisation, a fraction of the dense peak "
+                           "(default 0.4)")
+    cost_rate.add_argument("--tokens-per-s", type=quantity, help="measured training tokens/s of the --gpus together")
+    cost_rate.add_argument("--gpu-hours", type=quantity, help="claimed GPU-hours (2.664e6, 2.664M): the MFU they imply")
+    cost.add_argument("--gpus", type=int, help="GPUs training together: the wall-clock time, and the throughput's GPUs")
+    cost.add_argument("--price", type=float, help="$ per GPU-hour of --gpu (default: nanoseek/gpus.py's)")
+    cost.add_argument("--precision", choices=["bf16", "fp8"], default="bf16", help="the dense peak MFU is taken of")
+    cost.add_argument("--no-mtp", action="store_true", help="leave the MTP modules' FLOPs out")
+    cost.add_argument("--context", type=int, help="serving: tokens per sequence in the KV cache (default --seq-len)")
+    cost.add_argument("--batch", type=int, default=1, help="serving: sequences in the KV cache")
+    cost.add_argument("--json", action="store_true", help="print JSON")
+    cost.set_defaults(func=cmd_cost)
+
+    claims = sub.add_parser("claims", help="the public claims about DeepSeek-V3/R1: sources, checks, verdicts")
+    claims.add_argument("--run", type=Path, nargs="+", help="run directories, metrics.jsonl or JSON reports (nanoseek "
+                        "eval --speculative --out, benchmarks/decode.py, benchmarks/fp8_vs_fp32.py) to measure from")
+    claims.add_argument("--markdown", action="store_true", help="print a markdown table")
+    claims.add_argument("--json", action="store_true", help="print JSON")
+    claims.set_defaults(func=cmd_claims)
+
+    for name, text in (("demo", "the main job: data -> tokenizer -> pretrain -> GRPO -> distill, evaluated, exported, "
+                                "reported (about 15 min on 2 CPU cores)"),
+                       ("pipeline", "a multi-stage recipe: r1-zero, r1, demo, or your own")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--recipe", required=name == "pipeline",
+                       help="a pipeline recipe (file, or name in recipes/); demo: demo, or demo-gpu with --device cuda")
+        p.add_argument("--out", help="the run directory (default runs/<recipe>); rerun to resume an interrupted run")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--seed", type=int, help="overrides the recipe's seed")
+        p.add_argument("--fresh", action="store_true", help="delete the run directory's earlier run and start over")
+        p.set_defaults(func=cmd_pipeline)
 
     tasks = sub.add_parser("tasks", help="generated, machine-verifiable task families").add_subparsers(
         dest="tasks_command", required=True)
@@ -385,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "the KV cache holds max-batch x max-len tokens")
     serve.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     serve.set_defaults(func=cmd_serve)
+
+    report = sub.add_parser("report", help="report.md + PNG plots of a run: loss, MaxVio, GRPO, held-out accuracy, "
+                            "MFU and cost")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="a stage directory (with metrics.jsonl) or a run of stage directories")
+    report.add_argument("--mfu", type=float, default=0.4, help="utilisation assumed for the rented-GPU estimates")
+    report.set_defaults(func=cmd_report)
     return ap
 
 

@@ -1,0 +1,234 @@
+"""Multi-stage runs: the end-to-end demo, R1-Zero and R1 are recipes of stages run by this one runner.
+
+A pipeline recipe (`recipes/demo.yaml`, `r1-zero.yaml`, `r1.yaml`) names the task mixture, the evaluation set and
+a list of training stages. Each stage is a TrainConfig (its keys, optionally on top of a training recipe); `init`
+and `teacher` may name an earlier stage, meaning that stage's model. The runner builds the data and the tokenizer
+once, runs the stages in order, evaluates each stage's model on the same held-out problems, exports one model and
+writes the report:
+
+    RUN_DIR/pipeline.json          settings and finished stages (a rerun skips them)
+    RUN_DIR/data/corpus.jsonl      training problems (worked solutions)
+    RUN_DIR/data/eval.jsonl        held-out problems: never trained on, at the trained levels and one level harder
+    RUN_DIR/tokenizer/
+    RUN_DIR/<stage>/               the stage's run: metrics.jsonl, checkpoints/, model/
+    RUN_DIR/evals/<stage>.json     pass@1 (and pass@k, maj@k, format) of the stage's model on data/eval.jsonl
+    RUN_DIR/model/                 the exported model (Hugging Face directory with its tokenizer)
+    RUN_DIR/report.md, plots/
+
+Interrupted runs resume: finished stages are skipped and a stage with checkpoints continues from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import yaml
+
+from .data import build_corpus, read_jsonl, write_jsonl
+from .errors import TrainError
+from .tasks import Mixture, get_family, resolve_recipe
+from .train.recipe import load_config
+
+STATE = "pipeline.json"
+MODEL_STAGES = ("pretrain", "sft", "grpo", "distill")
+
+
+@dataclass
+class PipelineConfig:
+    tasks: str  # the task recipe every stage draws problems from
+    stages: list  # [{name, stage, recipe?, TrainConfig keys...}, ...]
+    description: str = ""
+    tasks_n: int = 20000  # training problems with worked solutions (pretraining / SFT corpus)
+    eval_n: int = 128  # held-out problems at the trained levels ...
+    eval_harder_n: int = 64  # ... and one level above the hardest trained level of each family
+    eval_samples: int = 4  # completions per problem: pass@1 is their mean (R1's definition) ...
+    eval_temperature: float = 0.6  # ... sampled at R1's evaluation temperature
+    eval_max_new_tokens: int = 160
+    vocab_size: int = 2048
+    tokenizer_digits: int = 3
+    seed: int = 0
+    device: str = "auto"
+    export: str | None = None  # the stage whose model becomes RUN_DIR/model (default: the last stage)
+
+    @classmethod
+    def load(cls, recipe: str | Path, **overrides) -> "PipelineConfig":
+        path = resolve_recipe(recipe)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TrainError(f"recipe {path}: not valid YAML ({e})") from None
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or (unknown := set(data) - known):
+            raise TrainError(f"recipe {path}: expected a mapping with keys from {sorted(known)}"
+                             + (f"; unknown: {sorted(unknown)}" if isinstance(data, dict) else ""))
+        for key in ("tasks", "stages"):
+            if key not in data:
+                raise TrainError(f"recipe {path}: '{key}' is required")
+        cfg = cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+        cfg.check(str(path))
+        return cfg
+
+    def check(self, source: str) -> None:
+        names = []
+        for i, entry in enumerate(self.stages):
+            where = f"{source}: stages[{i}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise TrainError(f"{where}: expected a mapping with a 'name'")
+            if entry.get("stage") not in MODEL_STAGES:
+                raise TrainError(f"{where} ({entry['name']}): 'stage' must be one of {', '.join(MODEL_STAGES)}")
+            if entry["name"] in names or entry["name"] in ("data", "tokenizer", "evals", "model", "plots"):
+                raise TrainError(f"{where}: the name {entry['name']!r} is taken")
+            names.append(entry["name"])
+            self.stage_config(entry, Path("RUN_DIR"), names[:-1])  # unknown keys and bad values fail before anything runs
+        if self.export is not None and self.export not in names:
+            raise TrainError(f"{source}: export: {self.export!r} is not a stage ({', '.join(names)})")
+
+    def stage_config(self, entry: dict, run_dir: Path, earlier: list[str]):
+        """The TrainConfig of one stage: its recipe, its keys, then what the pipeline fixes (paths, data)."""
+        keys = {k: v for k, v in entry.items() if k not in ("name", "recipe")}
+        for ref in ("init", "teacher"):
+            if isinstance(keys.get(ref), str) and keys[ref] in earlier:
+                keys[ref] = str(run_dir / keys[ref] / "model")
+        data = run_dir / "data"
+        fixed = {"out": str(run_dir / entry["name"]), "tokenizer": str(run_dir / "tokenizer"), "eval_n": 0,
+                 "device": self.device, "seed": keys.get("seed", self.seed)}
+        if entry["stage"] in ("pretrain", "sft"):
+            fixed.update(data=[str(data / "corpus.jsonl")], tasks=None)
+        else:  # the prompts come from the mixture; the held-out problems are excluded from them
+            fixed.update(data=[str(data / "eval.jsonl")], tasks=self.tasks)
+        return load_config(entry.get("recipe"), {**keys, **fixed})
+
+
+def harder(mixture: Mixture) -> Mixture:
+    """The mixture one level above each family's hardest trained level (families already at their top drop out)."""
+    entries = [replace(e, difficulty=(e.difficulty[1] + 1, e.difficulty[1] + 1)) for e in mixture.entries
+               if e.difficulty[1] < get_family(e.family).max_difficulty]
+    return Mixture(entries, f"{mixture.source}, one level harder")
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, run_dir: Path):
+        self.cfg, self.dir = cfg, Path(run_dir)
+        self.state_path = self.dir / STATE
+        self.state = {"settings": asdict(cfg), "stages": []}
+        if self.state_path.exists():
+            saved = json.loads(self.state_path.read_text())
+            if saved["settings"] != self.state["settings"]:
+                changed = sorted(k for k in saved["settings"] if saved["settings"][k] != self.state["settings"].get(k))
+                raise TrainError(f"{self.dir} holds a run with other settings ({', '.join(changed)}); choose "
+                                 "another --out, or --fresh to start it over")
+            self.state = saved
+
+    def done(self, name: str) -> dict | None:
+        return next((s for s in self.state["stages"] if s["name"] == name), None)
+
+    def record(self, name: str, seconds: float, **info) -> None:
+        self.state["stages"] = [s for s in self.state["stages"] if s["name"] != name]
+        self.state["stages"].append({"name": name, "seconds": round(seconds, 1), **info})
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+        os.replace(tmp, self.state_path)
+
+    def run(self) -> dict:
+        steps = [("data", self.build_data), ("tokenizer", self.build_tokenizer)]
+        for entry in self.cfg.stages:
+            steps.append((entry["name"], lambda e=entry: self.train(e)))
+            steps.append((f"eval {entry['name']}", lambda e=entry: self.evaluate(e["name"])))
+        steps += [("export", self.export), ("report", self.report)]
+        t_start = time.perf_counter()
+        for i, (name, fn) in enumerate(steps, 1):
+            if self.done(name) and name != "report":
+                print(f"== [{i}/{len(steps)}] {name}: done earlier, skipped")
+                continue
+            print(f"== [{i}/{len(steps)}] {name}", flush=True)
+            t0 = time.perf_counter()
+            info = fn() or {}
+            self.record(name, time.perf_counter() - t0, **info)
+        return {"seconds": time.perf_counter() - t_start, "model": self.dir / "model",
+                "report": self.dir / "report.md", "evals": self.evals()}
+
+    # ---- the steps ------------------------------------------------------------------------------------------------
+    def build_data(self) -> dict:
+        cfg, data = self.cfg, self.dir / "data"
+        mixture = Mixture.from_recipe(cfg.tasks)
+        corpus = build_corpus(mixture, cfg.tasks_n, cfg.eval_n, seed=cfg.seed)
+        seen = {p.prompt for p in corpus.train}
+        hard = [p for p in build_corpus(harder(mixture), cfg.eval_harder_n, cfg.eval_harder_n, seed=cfg.seed + 1,
+                                        progress=False).held_out if p.prompt not in seen]
+        held_out = corpus.held_out + hard
+        write_jsonl(data / "eval.jsonl", held_out)
+        write_jsonl(data / "corpus.jsonl", corpus.train)
+        print(f"  {len(corpus.train):,} training problems; {len(corpus.held_out)} held-out at the trained levels and "
+              f"{len(hard)} one level harder -> {data}")
+        return {"train": len(corpus.train), "eval": len(held_out), "eval_harder": len(hard)}
+
+    def build_tokenizer(self) -> dict:
+        from .tokenizer import train_tokenizer
+        from .train.lm import tokenizer_texts
+        tok = train_tokenizer(tokenizer_texts([self.dir / "data" / "corpus.jsonl"]), self.cfg.vocab_size,
+                              digits=self.cfg.tokenizer_digits)
+        tmp = self.dir / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save(tmp)
+        shutil.rmtree(self.dir / "tokenizer", ignore_errors=True)
+        os.replace(tmp, self.dir / "tokenizer")
+        print(f"  {tok.vocab_size:,} tokens -> {self.dir / 'tokenizer'}")
+        return {"vocab_size": tok.vocab_size}
+
+    def train(self, entry: dict) -> dict:
+        from .train import distill, grpo, lm
+        earlier = [e["name"] for e in self.cfg.stages[:self.cfg.stages.index(entry)]]
+        cfg = self.cfg.stage_config(entry, self.dir, earlier)
+        cfg = replace(cfg, resume=(Path(cfg.out) / "checkpoints").is_dir())
+        summary = {"grpo": grpo.run, "distill": distill.run}.get(cfg.stage, lm.run)(cfg)
+        return {"stage": cfg.stage, "dir": entry["name"], "steps": summary["steps"],
+                "final_loss": summary["final_loss"]}
+
+    def evaluate(self, name: str) -> dict:
+        from .evaluate import evaluate, format_table
+        from .model import Transformer
+        from .sampling import SamplingParams
+        from .tokenizer import Tokenizer
+        cfg, model_dir = self.cfg, self.dir / name / "model"
+        model, tok = Transformer.from_pretrained(model_dir).eval(), Tokenizer.load(model_dir)
+        problems = read_jsonl(self.dir / "data" / "eval.jsonl")
+        params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=cfg.eval_temperature)
+        report = evaluate(model, tok, problems, cfg.eval_samples, params, seed=cfg.seed,
+                          speculative=model.cfg.num_nextn_predict_layers > 0)
+        report = {"label": name, "model": str(model_dir), "problems": "data/eval.jsonl (held-out)", **report}
+        path = self.dir / "evals" / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
+        write_json(path, report)
+        print(format_table(report))
+        return {"pass@1": report["pass@1"]}
+
+    def export(self) -> dict:
+        source = self.dir / (self.cfg.export or self.cfg.stages[-1]["name"]) / "model"
+        tmp, final = self.dir / "model.tmp", self.dir / "model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        print(f"  {source} -> {final}")
+        return {"source": str(source)}
+
+    def report(self) -> dict:
+        from .report import write_report
+        path = write_report(self.dir)
+        print(f"  {path}")
+        return {}
+
+    def evals(self) -> dict[str, float]:
+        return {s["name"].removeprefix("eval "): s["pass@1"] for s in self.state["stages"] if "pass@1" in s}
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,114 @@
+"""The multi-stage runner behind `nanoseek demo`: a tiny pipeline end to end, resume after a kill, clear errors."""
+
+import json
+
+import pytest
+import yaml
+
+import nanoseek.train.distill as distill
+from nanoseek.cli import main
+from nanoseek.data import read_jsonl
+from nanoseek.errors import TrainError
+from nanoseek.pipeline import Pipeline, PipelineConfig
+from nanoseek.tasks import Mixture, resolve_recipe
+
+from .conftest import crash_after
+from .test_distill import fake_sampler
+
+TINY = dict(preset="tiny", seq_len=64, batch_size=2, save_every=2, mtp_lambda=0.3)
+RECIPE = {
+    "tasks": "tasks-cpu-demo", "tasks_n": 300, "eval_n": 6, "eval_harder_n": 4, "eval_samples": 2,
+    "eval_max_new_tokens": 12, "vocab_size": 300, "tokenizer_digits": 1, "export": "grpo",
+    "stages": [
+        {"name": "pretrain", "stage": "pretrain", "max_steps": 4, "warmup_steps": 1, **TINY},
+        {"name": "grpo", "stage": "grpo", "init": "pretrain", "max_steps": 4, "group_size": 2, "prompts_per_step": 2,
+         "max_new_tokens": 12, "save_every": 2, "lr": 1e-4},
+        {"name": "distill", "stage": "distill", "teacher": "grpo", "tasks_n": 4, "group_size": 2, "max_steps": 2,
+         "max_new_tokens": 12, **TINY}]}
+
+
+@pytest.fixture
+def recipe(tmp_path, monkeypatch):
+    monkeypatch.setattr(distill, "sample_completions", fake_sampler(lambda p: [(p.solution, "stop")] * 2))
+    path = tmp_path / "tiny-pipeline.yaml"
+    path.write_text(yaml.safe_dump(RECIPE))
+    return path
+
+
+def test_pipeline_runs_every_stage_and_keeps_the_held_out_problems_unseen(recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["demo", "--recipe", str(recipe), "--out", str(out)]) == 0
+    state = json.loads((out / "pipeline.json").read_text())
+    assert [s["name"] for s in state["stages"]] == [
+        "data", "tokenizer", "pretrain", "eval pretrain", "grpo", "eval grpo", "distill", "eval distill", "export",
+        "report"]
+    train = {p.prompt for p in read_jsonl(out / "data" / "corpus.jsonl")}
+    held_out = read_jsonl(out / "data" / "eval.jsonl")
+    assert held_out and not train & {p.prompt for p in held_out}
+    trained_max = {e.family: e.difficulty[1] for e in Mixture.from_recipe("tasks-cpu-demo").entries}
+    harder = [p for p in held_out if p.difficulty > trained_max[p.family]]
+    assert len(harder) == state["stages"][0]["eval_harder"] > 0
+    traces = {p.prompt for p in read_jsonl(out / "distill" / "data" / "traces.jsonl")}
+    assert traces and not traces & {p.prompt for p in held_out}
+    for name in ("pretrain", "grpo", "distill"):
+        report = json.loads((out / "evals" / f"{name}.json").read_text())
+        assert report["n"] == len(held_out) and report["samples"] == 2 and 0 <= report["pass@1"] <= 1
+    assert [json.loads(r)["step"] for r in (out / "grpo" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert (out / "model" / "config.json").exists() and (out / "model" / "tokenizer.json").exists()
+    assert "## Held-out accuracy" in (out / "report.md").read_text()
+    printed = capsys.readouterr().out
+    assert f"model:  {out / 'model'}" in printed and "nanoseek chat --model" in printed
+
+
+def test_a_killed_pipeline_resumes_where_it_stopped(recipe, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    crash_after(monkeypatch, 2)  # the pretrain stage is killed after its checkpoint at step 2
+    with pytest.raises(KeyboardInterrupt):
+        main(["pipeline", "--recipe", str(recipe), "--out", str(out)])
+    assert [s["name"] for s in json.loads((out / "pipeline.json").read_text())["stages"]] == ["data", "tokenizer"]
+    corpus = (out / "data" / "corpus.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["pipeline", "--recipe", str(recipe), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/10] data: done earlier, skipped" in printed and "resumed from" in printed
+    assert (out / "data" / "corpus.jsonl").read_bytes() == corpus
+    steps = [json.loads(r)["step"] for r in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert main(["pipeline", "--recipe", str(recipe), "--out", str(out)]) == 0  # all done: only the report again
+    assert capsys.readouterr().out.count("done earlier, skipped") == 9
+
+
+def test_other_settings_in_the_same_directory_are_refused(recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    Pipeline(PipelineConfig.load(recipe), out).record("data", 1.0)
+    changed = recipe.with_name("changed.yaml")
+    changed.write_text(yaml.safe_dump({**RECIPE, "tasks_n": 200}))
+    assert main(["pipeline", "--recipe", str(changed), "--out", str(out)]) == 2
+    assert "other settings (tasks_n)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["stages"].append({"name": "x", "stage": "rl"}), "'stage' must be one of"),
+    (lambda r: r["stages"].append({"name": "pretrain", "stage": "sft"}), "'pretrain' is taken"),
+    (lambda r: r["stages"][0].update(learning_rate=1.0), "unknown key 'learning_rate'"),
+    (lambda r: r.update(export="nothing"), "export: 'nothing' is not a stage"),
+    (lambda r: r.pop("tasks"), "'tasks' is required"),
+])
+def test_recipe_mistakes_are_named_before_anything_runs(recipe, tmp_path, capsys, edit, message):
+    bad = json.loads(json.dumps(RECIPE))
+    edit(bad)
+    recipe.write_text(yaml.safe_dump(bad))
+    assert main(["pipeline", "--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-gpu", "r1-zero", "r1"])
+def test_shipped_pipeline_recipes_are_valid(name):
+    cfg = PipelineConfig.load(resolve_recipe(name))
+    assert cfg.stages and cfg.eval_n > 0
+
+
+def test_a_stage_of_a_missing_model_is_a_clear_error(recipe, tmp_path):
+    cfg = PipelineConfig.load(recipe)
+    with pytest.raises(TrainError, match="init"):
+        cfg.stage_config({"name": "g", "stage": "grpo"}, tmp_path, [])
