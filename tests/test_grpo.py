@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from nanoseek.rewards import RewardResult, combined_reward
+from nanoseek.train import grpo, loop
 from nanoseek.train.grpo import group_advantages, grpo_loss, run
 from nanoseek.train.recipe import load_config
 
@@ -91,3 +93,91 @@ def test_dynamic_sampling_drops_groups_without_signal(corpus, base, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for r in rows:  # a group is kept only if its rewards differ, so the loss is 0 exactly when none was kept
         assert (r["groups_kept"] == 0) == (r["loss"] == 0.0)
+
+
+# ---- a transformers causal LM as the policy -------------------------------------------------------------------------
+def tiny_hf_model(kind: str, tok, path):
+    """A random 2-layer, 32-wide Llama (untied head) or Qwen2 (tied head) with the `tok` fixture's vocabulary and its
+    tokenizer (which carries a chat template), saved as a Hugging Face directory."""
+    transformers = pytest.importorskip("transformers")
+    shape = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_id,
+                 eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, tie_word_embeddings=True))
+    model.save_pretrained(path)
+    tok.save(path)
+    return path
+
+
+def hf_settings(corpus, out, init, **kw):
+    return grpo_settings(corpus, out, init, max_steps=3, max_new_tokens=8, eval_n=2, lr=1e-2, mask_truncated=False,
+                         **kw)  # a random model seldom stops within 8 tokens: count truncated completions too
+
+
+def shaped_reward(problem, completion, config, length=None):
+    """The task reward plus a bonus a random model earns too (by the completion's length), so advantages differ."""
+    r = combined_reward(problem, completion, config, length)
+    return RewardResult(r.value + len(completion) % 3 / 4, r.reason, r.components)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_grpo_on_a_transformers_model_runs_saves_and_resumes_exactly(kind, tok, corpus, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setattr(grpo, "combined_reward", shaped_reward)
+    monkeypatch.setattr(loop, "matmul_peak", lambda device: 1e11)  # MFU's yardstick: not what this test is about
+    init = tiny_hf_model(kind, tok, tmp_path / "init")
+    summary = run(hf_settings(corpus, tmp_path / "straight", init))
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    assert all(r["grad_norm"] > 0 for r in rows)  # the shaped reward gives a gradient
+    assert {"reward", "accuracy", "format_rate", "response_length", "kl", "clip_fraction", "entropy"} <= set(rows[0])
+    assert all(r["maxvio"] == [] and r["maxvio_mean"] == 0.0 for r in rows)  # a dense model: no expert loads
+    assert summary["held_out_before"]["n"] == summary["held_out"]["n"] == 2
+    final = tmp_path / "straight" / "model"
+    trained = AutoModelForCausalLM.from_pretrained(final)  # its own format, with its tokenizer beside it
+    assert type(trained).__name__ == type(AutoModelForCausalLM.from_pretrained(init)).__name__
+    assert AutoTokenizer.from_pretrained(final).eos_token_id == tok.eos_id
+    before, after = load_file(init / "model.safetensors"), load_file(final / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # GRPO moved the weights
+
+    crash_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run(hf_settings(corpus, tmp_path / "resumed", init))
+    run(hf_settings(corpus, tmp_path / "resumed", init, resume=True))
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["loss"], r["reward"], r["grad_norm"]) for r in resumed] == \
+        [(r["loss"], r["reward"], r["grad_norm"]) for r in rows]
+    again = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert all(torch.equal(after[k], again[k]) for k in after)
+
+
+def test_hf_rollouts_are_seeded_per_sample_and_prompts_use_the_chat_template(tok, tmp_path):
+    from nanoseek.sampling import SamplingParams
+    from nanoseek.train.policy import HFPolicy, load_policy
+
+    policy = load_policy(tiny_hf_model("llama", tok, tmp_path / "m"), max_batch=4, max_len=64)
+    assert isinstance(policy, HFPolicy)
+    prompt = policy.prompt("What is 1+2?")
+    assert prompt == tok.apply_chat_template([{"role": "user", "content": "What is 1+2?"}],
+                                             add_generation_prompt=True)
+    params = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=s) for s in range(4)]
+    batch = policy.generate([prompt, prompt[:-3], prompt, prompt[2:]], params)
+    alone = policy.generate([prompt], params[:1])[0]
+    assert alone.token_ids == batch[0].token_ids  # the same seed gives the same tokens, whatever the batch
+    assert batch[0].token_ids != batch[2].token_ids  # another seed, another sample
+    for c in batch:
+        assert (c.finish_reason == "stop") == (tok.eos_id in c.token_ids) and len(c.token_ids) <= 6
+    policy.model.generation_config.repetition_penalty = 3.0  # the model's own defaults do not leak into sampling
+    policy.model.generation_config.min_new_tokens = 5
+    assert [c.token_ids for c in policy.generate([prompt], params[:1])] == [alone.token_ids]
+    greedy = policy.generate([prompt, prompt[2:]], [SamplingParams(max_new_tokens=6)] * 2)  # left-padded batch
+    for p, c in zip([prompt, prompt[2:]], greedy):  # = the argmax of an unpadded forward at every position
+        logits = policy.model(torch.tensor([p + c.token_ids])).logits[0, len(p) - 1:-1]
+        assert logits.argmax(-1).tolist() == c.token_ids
+    policy.tok.chat_template = None  # no template: the plain prompt
+    assert policy.prompt("What is 1+2?") == policy.tok("What is 1+2?")["input_ids"]

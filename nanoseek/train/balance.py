@@ -15,10 +15,12 @@ from ..model.transformer import moe_layers
 @torch.no_grad()
 def update_bias(model: torch.nn.Module, loads: list[torch.Tensor], gamma: float) -> None:
     """loads: tokens per expert (E,) for each MoE layer in `moe_layers` order, summed over the step (layers that did
-    not run, e.g. MTP with MTP off, may be missing at the end)."""
+    not run, e.g. MTP with MTP off, may be missing at the end; a dense model has none)."""
+    if not loads or gamma == 0:
+        return
     for moe, load in zip(moe_layers(model), loads):
         bias = moe.gate.e_score_correction_bias
-        if bias is None or gamma == 0:
+        if bias is None:
             continue
         load = load.to(bias.device, torch.float32)
         bias += gamma * torch.sign(load.mean() - load)

@@ -1,7 +1,8 @@
 """GRPO with verifiable rewards (DeepSeekMath, R1), and its Dr. GRPO and DAPO variants, on the shared loop.
 
-Each step draws `prompts_per_step` task problems, samples G completions of each from the Engine, scores them with the
-task verifiers, and turns rewards into group-relative advantages
+Each step draws `prompts_per_step` task problems, samples G completions of each from the policy (nanoseek's Engine,
+or a `transformers` model's `generate`: see policy.py), scores them with the task verifiers, and turns rewards into
+group-relative advantages
 
     A_i = (r_i - mean(r)) / (std(r) + 1e-4)        (Dr. GRPO: r_i - mean(r))
 
@@ -25,16 +26,13 @@ from pathlib import Path
 
 import torch
 
-from ..cost import flops_per_token
 from ..data import read_jsonl
-from ..engine import Engine
 from ..errors import TrainError
-from ..model import Transformer
 from ..rewards import RewardConfig, combined_reward, format_reward
 from ..sampling import SamplingParams
 from ..tasks import Mixture, Problem
-from ..tokenizer import Tokenizer
 from .loop import Trainer
+from .policy import load_policy
 from .recipe import TrainConfig
 
 
@@ -44,16 +42,6 @@ def group_advantages(rewards: torch.Tensor, loss_type: str) -> torch.Tensor:
     if loss_type == "dr_grpo":
         return centred
     return centred / (rewards.std(dim=1, keepdim=True) + 1e-4)
-
-
-def token_logprobs(model, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """ids (N, L) -> log pi(ids[:, t+1] | ids[:, :t+1]) (N, L-1) at the sampling temperature, the entropy of each
-    of those distributions (N, L-1), and the model output (for router loads)."""
-    out = model(ids, return_mtp=False)
-    logp = (out.logits[:, :-1].float() / temperature).log_softmax(-1)
-    chosen = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return chosen, entropy, out
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
@@ -93,14 +81,13 @@ class Rollouts:
 class RolloutSource:
     """The GRPO 'data loader': every `num_iterations` calls a fresh batch of rollouts from the current policy."""
 
-    def __init__(self, cfg: TrainConfig, model: Transformer, tok: Tokenizer, mixture: Mixture,
-                 excluded: set[str], reference: Transformer | None):
-        self.cfg, self.model, self.tok, self.mixture = cfg, model, tok, mixture
+    def __init__(self, cfg: TrainConfig, policy, mixture: Mixture, excluded: set[str],
+                 reference: torch.nn.Module | None):
+        """policy: see policy.py; reference: a frozen copy of the initial model (beta > 0) or None."""
+        self.cfg, self.policy, self.mixture = cfg, policy, mixture
         self.excluded, self.reference = excluded, reference
         self.rng = random.Random(cfg.seed)
         self.batches, self.calls, self.current = 0, 0, None
-        self.engine = Engine(model, tok, max_batch=cfg.prompts_per_step * cfg.group_size,
-                             max_len=min(model.cfg.max_position_embeddings, cfg.seq_len + cfg.max_new_tokens))
         self.rewards = RewardConfig(format_weight=cfg.format_weight, format_partial=cfg.format_partial)
 
     def state_dict(self) -> dict:
@@ -131,14 +118,11 @@ class RolloutSource:
         while not kept_groups and draws < 4:  # dynamic sampling may drop every group: draw again
             draws += 1
             problems = self.problems(cfg.prompts_per_step)
-            prompts = [self.tok.apply_chat_template([{"role": "user", "content": p.prompt}],
-                                                    add_generation_prompt=True)[-cfg.seq_len:] for p in problems]
+            prompts = [self.policy.prompt(p.prompt)[-cfg.seq_len:] for p in problems]
             base = (cfg.seed * 1_000_003 + self.batches) * 4096
             params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      seed=base + i * G + j) for i in range(len(prompts)) for j in range(G)]
-            training = self.model.training
-            completions = self.engine.generate([p for p in prompts for _ in range(G)], params)  # (sets eval mode)
-            self.model.train(training)
+            completions = self.policy.generate([p for p in prompts for _ in range(G)], params)
             self.batches += 1
             for i, problem in enumerate(problems):
                 group = completions[i * G:(i + 1) * G]
@@ -169,38 +153,38 @@ class RolloutSource:
                 counts = not (cfg.mask_truncated and c.finish_reason == "length")
                 spans.append((len(prompt), len(c.token_ids) if counts else 0))
         L = max(map(len, seqs))
-        ids = torch.full((len(seqs), L), self.tok.pad_id, dtype=torch.long)
+        ids = torch.full((len(seqs), L), self.policy.pad_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), L - 1)
         for row, (seq, (start, n)) in enumerate(zip(seqs, spans)):
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, start - 1:start - 1 + n] = 1.0  # targets ids[start .. start + n - 1]
-        device = self.model.embed_tokens.weight.device
+        device = self.policy.device
         ids, mask = ids.to(device), mask.to(device)
-        old = token_logprobs(self.model, ids, cfg.temperature)[0] if cfg.num_iterations > 1 else None
-        ref = token_logprobs(self.reference, ids, cfg.temperature)[0] if self.reference is not None else None
+        old = self.policy.logprobs(ids, cfg.temperature)[0] if cfg.num_iterations > 1 else None
+        ref = self.policy.logprobs(ids, cfg.temperature, self.reference)[0] if self.reference is not None else None
         return Rollouts(ids, mask, advantages.to(device), old, ref, metrics)
 
 
-def grpo_loss_fn(cfg: TrainConfig):
+def grpo_loss_fn(cfg: TrainConfig, policy):
     def loss_fn(model, batch: Rollouts, step: int):
         if batch.ids.shape[0] == 0:
             zero = sum(p.sum() for p in model.parameters()) * 0.0
             return zero, {**batch.metrics, "loss": 0.0}, [], 0
-        logp, entropy, out = token_logprobs(model, batch.ids, cfg.temperature)
+        logp, entropy, loads = policy.logprobs(batch.ids, cfg.temperature, model)
         entropy = entropy.detach()
         old = batch.old_logp if batch.old_logp is not None else logp.detach()
         loss, stats = grpo_loss(logp, old, batch.ref_logp, batch.advantages, batch.mask, cfg)
         tokens = batch.mask.sum().clamp(min=1)
         metrics = {**batch.metrics, **stats, "entropy": float((entropy * batch.mask).sum() / tokens),
                    "loss": loss.item()}
-        return loss, metrics, [c.detach() for c in out.router], batch.ids.numel()
+        return loss, metrics, loads, batch.ids.numel()
     return loss_fn
 
 
 def run(cfg: TrainConfig) -> dict:
-    """GRPO from `cfg.init` on prompts of the `cfg.tasks` mixture; held-out problems (the JSONL files in
-    `cfg.data`) are excluded from the prompts and answered greedily before and after."""
-    from ..evaluate import greedy_accuracy
+    """GRPO from `cfg.init` (a nanoseek / DeepseekV3 directory, or any `transformers` causal LM) on prompts of the
+    `cfg.tasks` mixture; held-out problems (the JSONL files in `cfg.data`) are excluded from the prompts and the
+    first `cfg.eval_n` of them answered greedily before and after."""
     from .lm import check_writable
 
     out = Path(cfg.out)
@@ -208,20 +192,22 @@ def run(cfg: TrainConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     torch.manual_seed(cfg.seed)
-    tok = Tokenizer.load(cfg.tokenizer or cfg.init)
-    model = Transformer.from_pretrained(cfg.init, device=device)
-    held_out = [p for path in cfg.data for p in read_jsonl(path)][:cfg.eval_n]
-    if cfg.data and not held_out:
+    policy = load_policy(cfg.init, cfg.tokenizer, device, max_batch=cfg.prompts_per_step * cfg.group_size,
+                         max_len=cfg.seq_len + cfg.max_new_tokens)
+    model = policy.model
+    excluded = [p for path in cfg.data for p in read_jsonl(path)]
+    if cfg.data and not excluded:
         raise TrainError(f"data: {cfg.data}: no held-out problems to evaluate on")
+    held_out = excluded[:cfg.eval_n]
     reference = None
     if cfg.beta > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    source = RolloutSource(cfg, model, tok, Mixture.from_recipe(cfg.tasks), {p.prompt for p in held_out},
-                           reference)
-    before = greedy_accuracy(model, tok, held_out, cfg.max_new_tokens) if held_out and not cfg.resume else None
-    f = flops_per_token(model.cfg, cfg.seq_len + cfg.max_new_tokens)
-    summary = Trainer(cfg, model, source, grpo_loss_fn(cfg), f["training"], save_extra=tok.save).fit()
+    source = RolloutSource(cfg, policy, Mixture.from_recipe(cfg.tasks), {p.prompt for p in excluded}, reference)
+    before = policy.greedy_accuracy(held_out, cfg.max_new_tokens) if held_out and not cfg.resume else None
+    flops = policy.flops_per_token(cfg.seq_len + cfg.max_new_tokens)
+    summary = Trainer(cfg, model, source, grpo_loss_fn(cfg, policy), flops, save_extra=policy.save_tokenizer,
+                      load_model=policy.load).fit()
     if held_out:
         summary["held_out_before"] = before
-        summary["held_out"] = greedy_accuracy(model, tok, held_out, cfg.max_new_tokens)
+        summary["held_out"] = policy.greedy_accuracy(held_out, cfg.max_new_tokens)
     return summary

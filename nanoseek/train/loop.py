@@ -64,12 +64,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
+def model_config(model: torch.nn.Module) -> dict:
+    """The architecture settings of a nanoseek model (`cfg`) or a `transformers` one (`config`, less the fields that
+    record where and by which version it was saved)."""
+    if hasattr(model, "cfg"):
+        return model.cfg.to_dict()
+    skip = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
+    return {k: v for k, v in model.config.to_dict().items() if k not in skip}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: Transformer, loader, loss_fn: LossFn, flops_per_token: float,
-                 save_extra: Callable[[Path], None] | None = None):
-        """save_extra(model_dir) adds files (e.g. the tokenizer) to every saved model directory."""
+                 save_extra: Callable[[Path], None] | None = None,
+                 load_model: Callable[[Path], torch.nn.Module] | None = None):
+        """save_extra(model_dir) adds files (e.g. the tokenizer) to every saved model directory; load_model(model_dir)
+        reads a saved model back for resuming (default: `Transformer.from_pretrained`; another kind of model, e.g.
+        a `transformers` one, brings its own). `model.save_pretrained(dir)` writes it."""
         self.cfg, self.model, self.loader, self.loss_fn = cfg, model, loader, loss_fn
         self.flops_per_token, self.save_extra = flops_per_token, save_extra
+        self.load_model = load_model or (lambda path: Transformer.from_pretrained(path, device=self.device))
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
@@ -119,8 +132,8 @@ class Trainer:
             return
         path = ckpts[-1]
         state = torch.load(path / "trainer_state" / "state.pt", weights_only=False)
-        saved = Transformer.from_pretrained(path / "model", device=self.device)
-        if saved.cfg.to_dict() != self.model.cfg.to_dict():
+        saved = self.load_model(path / "model")
+        if model_config(saved) != model_config(self.model):
             raise TrainError(f"{path / 'model' / 'config.json'}: the checkpoint's model config differs from this "
                              "run's; resume with the recipe that wrote it or choose another --out")
         self.model.load_state_dict(saved.state_dict())
