@@ -69,8 +69,10 @@ def cmd_pipeline(args) -> None:
     print(f"nanoseek {args.command}: {recipe} -> {out}" + (f"\n  {cfg.description.strip()}" if cfg.description else ""))
     result = Pipeline(cfg, out).run()
     print(f"\nfinished in {result['seconds'] / 60:.1f} min. Held-out pass@1 (mean of {cfg.eval_samples} samples at "
-          f"temperature {cfg.eval_temperature}): "
-          + ", ".join(f"{name} {value:.1%}" for name, value in result["evals"].items()))
+          f"temperature {cfg.eval_temperature}; at the trained levels / one level harder):")
+    for name, e in result["evals"].items():
+        levels = " / ".join("-" if e.get(k) is None else f"{e[k]:.1%}" for k in ("pass@1_trained", "pass@1_harder"))
+        print(f"  {name:<16} {e['pass@1']:6.1%}   ({levels})")
     print(f"  model:  {result['model']}\n  report: {result['report']}")
     print(f"  chat:   nanoseek chat --model {result['model']}")
     print(f"  serve:  nanoseek serve --model {result['model']}   (OpenAI-compatible API at http://127.0.0.1:8000/v1)")

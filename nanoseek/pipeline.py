@@ -111,6 +111,18 @@ def harder(mixture: Mixture) -> Mixture:
     return Mixture(entries, f"{mixture.source}, one level harder")
 
 
+def level_scores(report: dict, mixture: Mixture) -> dict[str, float | None]:
+    """pass@1 of an evaluation report on the problems at the mixture's trained levels and on those above them."""
+    top = {e.family: e.difficulty[1] for e in mixture.entries}
+    sums = {"trained": [0.0, 0], "harder": [0.0, 0]}
+    for key, r in report["by_task"].items():
+        family, level = key.rsplit("/", 1)
+        side = sums["harder" if int(level) > top.get(family, 0) else "trained"]
+        side[0] += r["pass@1"] * r["n"]
+        side[1] += r["n"]
+    return {f"pass@1_{side}": total / n if n else None for side, (total, n) in sums.items()}
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, run_dir: Path):
         self.cfg, self.dir = cfg, Path(run_dir)
@@ -201,12 +213,13 @@ class Pipeline:
         params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=cfg.eval_temperature)
         report = evaluate(model, tok, problems, cfg.eval_samples, params, seed=cfg.seed,
                           speculative=model.cfg.num_nextn_predict_layers > 0)
-        report = {"label": name, "model": str(model_dir), "problems": "data/eval.jsonl (held-out)", **report}
+        report = {"label": name, "model": str(model_dir), "problems": "data/eval.jsonl (held-out)", **report,
+                  **level_scores(report, Mixture.from_recipe(cfg.tasks))}
         path = self.dir / "evals" / f"{name}.json"
         path.parent.mkdir(exist_ok=True)
         write_json(path, report)
         print(format_table(report))
-        return {"pass@1": report["pass@1"]}
+        return {key: report[key] for key in ("pass@1", "pass@1_trained", "pass@1_harder")}
 
     def export(self) -> dict:
         source = self.dir / (self.cfg.export or self.cfg.stages[-1]["name"]) / "model"
@@ -224,8 +237,9 @@ class Pipeline:
         print(f"  {path}")
         return {}
 
-    def evals(self) -> dict[str, float]:
-        return {s["name"].removeprefix("eval "): s["pass@1"] for s in self.state["stages"] if "pass@1" in s}
+    def evals(self) -> dict[str, dict]:
+        """Each evaluated stage's pass@1: overall, at the trained levels and one level harder."""
+        return {s["name"].removeprefix("eval "): s for s in self.state["stages"] if "pass@1" in s}
 
 
 def write_json(path: Path, data: dict) -> None:

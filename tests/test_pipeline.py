@@ -102,7 +102,7 @@ def test_recipe_mistakes_are_named_before_anything_runs(recipe, tmp_path, capsys
     assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name", ["demo", "demo-gpu", "r1-zero", "r1"])
+@pytest.mark.parametrize("name", ["demo", "demo-gpu", "r1-zero", "r1", "distill-vs-rl"])
 def test_shipped_pipeline_recipes_are_valid(name):
     cfg = PipelineConfig.load(resolve_recipe(name))
     assert cfg.stages and cfg.eval_n > 0
