@@ -4,11 +4,17 @@ Gate (noaux_tc, V3):  s_i = sigmoid(u^T e_i);  selection uses s_i + b_i (the aux
 restricted to the `topk_group` groups with the largest sum of their top-2 biased scores;  the weights g_i come from
 the unbiased s_i of the chosen K_r experts, normalised over them and times `routed_scaling_factor`.
 V2-style gates (softmax scores, no bias, group score = max) are covered by `scoring_func` / `topk_method`.
+
+Expert parallelism (V3 section 3.2): `Experts.shard(group)` keeps only this rank's contiguous slice of the routed
+experts; tokens then travel to the rank that owns their expert and back with `all_to_all` (dispatch / combine),
+while the gate, the shared experts and everything else stay replicated. A model that was never sharded runs exactly
+as before.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -70,18 +76,68 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # (E, D, I)
         self.grouped_linear = grouped_linear  # the grouped GEMM; precision wrappers (fp8.py) replace it
+        self.n_experts = n_experts  # all routed experts, wherever they live
+        self.ep_group: dist.ProcessGroup | None = None  # expert parallelism: the ranks that split the experts
+        self.ep_size, self.first = 1, 0  # ... how many, and the first expert this rank holds
+
+    def shard(self, group: dist.ProcessGroup) -> None:
+        """Expert parallelism: keep this rank's slice (E / size consecutive experts) of the stacked weights."""
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        local = self.n_experts // size
+        with torch.no_grad():
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                full = getattr(self, name)
+                setattr(self, name, nn.Parameter(full[rank * local:(rank + 1) * local].clone(),
+                                                 requires_grad=full.requires_grad))
+        self.ep_group, self.ep_size, self.first = group, size, rank * local
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D), weights/indices (N, K) -> output (N, D) and tokens per expert (E,)."""
-        n_experts = self.gate_proj.shape[0]
         flat = indices.flatten()  # (N*K,)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=n_experts)
+        counts = torch.bincount(flat, minlength=self.n_experts)
         token = order // indices.shape[1]  # which token each sorted slot belongs to
         xs = x[token]  # (N*K, D), grouped by expert
-        h = F.silu(self.grouped_linear(xs, self.gate_proj, counts)) * self.grouped_linear(xs, self.up_proj, counts)
-        ys = self.grouped_linear(h, self.down_proj, counts) * weights.flatten()[order, None].to(x.dtype)
+        ys = self.mlp(xs, counts) if self.ep_group is None else self.dispatch_combine(xs, counts)
+        ys = ys * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys), counts
+
+    def mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows xs (M, D) sorted by (local) expert, counts (E_local,) -> each row through its expert (M, D)."""
+        h = F.silu(self.grouped_linear(xs, self.gate_proj, counts)) * self.grouped_linear(xs, self.up_proj, counts)
+        return self.grouped_linear(h, self.down_proj, counts)
+
+    def dispatch_combine(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism. xs (M, D) sorted by global expert, so rank r's rows come r-th; counts (E,). Send each
+        rank the rows of its experts, run them, send the results back: (M, D) in the order of xs."""
+        size, group = self.ep_size, self.ep_group
+        send = counts.view(size, -1)  # (ranks, local experts): rows this rank sends to each expert
+        recv = torch.empty_like(send)  # rows each rank sends to this rank's experts
+        dist.all_to_all_single(recv, send.contiguous(), group=group)
+        send_rows, recv_rows = send.sum(1).tolist(), recv.sum(1).tolist()
+        received = AllToAll.apply(xs, recv_rows, send_rows, group)  # grouped by source rank, then by expert
+        local = torch.arange(send.shape[1], device=xs.device).repeat(size).repeat_interleave(recv.flatten())
+        by_expert = local.argsort(stable=True)
+        ys = self.mlp(received[by_expert], recv.sum(0))[by_expert.argsort()]
+        return AllToAll.apply(ys, send_rows, recv_rows, group)
+
+
+class AllToAll(torch.autograd.Function):
+    """`all_to_all_single` along rows, differentiable: the gradient goes back along the same routes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_rows: list[int], in_rows: list[int], group) -> torch.Tensor:
+        ctx.rows, ctx.group = (out_rows, in_rows), group
+        out = x.new_empty((sum(out_rows), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_rows, in_rows, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_rows, in_rows = ctx.rows
+        back = grad.new_empty((sum(in_rows), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), in_rows, out_rows, group=ctx.group)
+        return back, None, None, None
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

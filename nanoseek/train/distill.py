@@ -4,6 +4,9 @@ Rejection sampling: a model answers each problem K times; only completions that 
 the `<think> ... </think> <answer> ... </answer>` format and finished on their own (not cut at max tokens) are
 kept, deduplicated per prompt. The kept traces are SFT data: for the model itself (R1's second SFT round) or for a
 smaller student (distillation), which is then trained on them with the SFT objective.
+
+On several processes each rank answers a contiguous share of the problems (request seeds drawn from seed + rank),
+rank 0 gathers the kept traces in problem order and writes them, and the student trains data-parallel (lm.run).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..data import held_out_path, read_jsonl, write_jsonl
 from ..errors import TrainError
 from ..evaluate import sample_completions
@@ -66,20 +70,30 @@ def run(cfg: TrainConfig) -> dict:
     lm.check_writable(out)
     traces_path = out / "data" / "traces.jsonl"
     held_out = [p for path in cfg.data for p in read_jsonl(path)]
+    device = distributed.init(cfg.device)
     if not (cfg.resume and traces_path.exists()):
-        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if cfg.device == "auto" else cfg.device)
         teacher = Transformer.from_pretrained(cfg.teacher, device=device)
         tok = Tokenizer.load(cfg.teacher)
         problems = distinct_problems(Mixture.from_recipe(cfg.tasks), cfg.tasks_n, cfg.seed,
                                      {p.prompt for p in held_out})
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-        traces, stats = rejection_sample(teacher, tok, problems, cfg.group_size, params, cfg.seed)
+        rank, world = distributed.rank(), distributed.world()
+        mine = problems[len(problems) * rank // world:len(problems) * (rank + 1) // world]
+        traces, stats = (rejection_sample(teacher, tok, mine, cfg.group_size, params, cfg.seed + rank,
+                                          progress=distributed.is_main()) if mine else
+                         ([], {"problems": 0, "samples": 0, "kept": 0, "problems_solved": 0}))
+        if world > 1:  # every rank's traces, in problem order, and the summed counts
+            everyone = [None] * world
+            torch.distributed.all_gather_object(everyone, (traces, stats))
+            traces = [t for part, _ in everyone for t in part]
+            stats = {k: sum(s[k] for _, s in everyone) for k in stats}
         if not traces:
             raise TrainError(f"distill: the teacher {cfg.teacher} solved none of {len(problems)} problems "
                              f"in {cfg.group_size} tries each; nothing to distill")
-        write_jsonl(held_out_path(traces_path), held_out)
-        write_jsonl(traces_path, traces)
+        if distributed.is_main():
+            write_jsonl(held_out_path(traces_path), held_out)
+            write_jsonl(traces_path, traces)
+        distributed.barrier()
         print(f"distill: kept {stats['kept']} traces of {stats['samples']} samples "
               f"({stats['problems_solved']} of {stats['problems']} problems solved) -> {traces_path}")
     student = dataclasses.replace(cfg, stage="sft", data=[str(traces_path)], tasks=None,

@@ -15,6 +15,13 @@ averaged per completion then over completions (grpo), over all tokens of the bat
 by completions x max_new_tokens (dr_grpo). `num_iterations` updates reuse one batch of rollouts (rho = pi / pi_old
 with pi_old frozen at sampling time); with one update rho = 1 in value but not in gradient. DAPO's dynamic sampling
 drops groups whose rewards are all equal (they carry no signal); truncated completions can be masked out.
+
+On several processes every rank draws the same `prompts_per_step` problems and samples the groups of its own
+contiguous share of them (seeded by the prompt's place in the whole batch, as on one process), so each group lives
+on one rank and its advantages are computed there. The loss divides by the global counts (completions, tokens), so
+the mean of the ranks' losses, which DDP / FSDP differentiate, is the single-process loss of the whole batch. An
+FSDP-sharded policy generates with its full weights gathered (`distributed.full_weights`), so ranks may decode for
+different numbers of steps; experts cannot be split (expert_parallel = 1) for the same reason.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..data import read_jsonl
 from ..errors import TrainError
 from ..rewards import RewardConfig, combined_reward, format_reward
@@ -45,9 +53,11 @@ def group_advantages(rewards: torch.Tensor, loss_type: str) -> torch.Tensor:
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
-              mask: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+              mask: torch.Tensor, cfg: TrainConfig,
+              counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """Per-token log-probs (N, T) of the policy, the sampling policy and the reference (or None), advantages (N,),
-    completion-token mask (N, T) -> loss and its statistics (KL, clip fraction)."""
+    completion-token mask (N, T) -> loss and its statistics (KL, clip fraction). `counts`: the divisors for
+    completions and tokens in place of N and the mask's count (several processes: global counts / processes)."""
     ratio = (logp - old_logp).exp()
     adv = advantages[:, None]
     clipped = ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
@@ -58,14 +68,21 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         per_token = per_token + cfg.beta * kl
     mask = mask.float()
     tokens = mask.sum().clamp(min=1)
-    if cfg.loss_type == "grpo":
+    if counts is not None:
+        n, all_tokens = counts
+        per_row = (per_token * mask).sum(1)
+        loss = ((per_row / mask.sum(1).clamp(min=1)).sum() / n if cfg.loss_type == "grpo" else
+                per_row.sum() / all_tokens if cfg.loss_type == "dapo" else
+                per_row.sum() / (n * cfg.max_new_tokens))
+    elif cfg.loss_type == "grpo":
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     elif cfg.loss_type == "dapo":
         loss = (per_token * mask).sum() / tokens
     else:  # dr_grpo
         loss = (per_token * mask).sum() / (mask.shape[0] * cfg.max_new_tokens)
     was_clipped = ((ratio < 1 - cfg.epsilon_low) & (adv < 0)) | ((ratio > 1 + cfg.epsilon_high) & (adv > 0))
-    return loss, {"kl": float((kl * mask).sum() / tokens), "clip_fraction": float((was_clipped * mask).sum() / tokens)}
+    return loss, {"kl": float((kl.detach() * mask).sum() / tokens),
+                  "clip_fraction": float((was_clipped * mask).sum() / tokens)}
 
 
 @dataclass
@@ -115,14 +132,18 @@ class RolloutSource:
     def sample(self) -> Rollouts:
         cfg, G = self.cfg, self.cfg.group_size
         kept_prompts, kept_groups, draws, stats = [], [], 0, []
-        while not kept_groups and draws < 4:  # dynamic sampling may drop every group: draw again
+        share = distributed.share(cfg.prompts_per_step, "prompts_per_step")
+        first = distributed.rank() * share  # this rank's prompts of the batch every rank draws
+        # dynamic sampling may drop every group (on every rank): draw again
+        while draws < 4 and (draws == 0 or not distributed.any_true(bool(kept_groups))):
             draws += 1
-            problems = self.problems(cfg.prompts_per_step)
+            problems = self.problems(cfg.prompts_per_step)[first:first + share]
             prompts = [self.policy.prompt(p.prompt)[-cfg.seq_len:] for p in problems]
             base = (cfg.seed * 1_000_003 + self.batches) * 4096
             params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     seed=base + i * G + j) for i in range(len(prompts)) for j in range(G)]
-            completions = self.policy.generate([p for p in prompts for _ in range(G)], params)
+                                     seed=base + (first + i) * G + j) for i in range(len(prompts)) for j in range(G)]
+            with distributed.full_weights(self.policy.model):
+                completions = self.policy.generate([p for p in prompts for _ in range(G)], params)
             self.batches += 1
             for i, problem in enumerate(problems):
                 group = completions[i * G:(i + 1) * G]
@@ -167,13 +188,23 @@ class RolloutSource:
 
 def grpo_loss_fn(cfg: TrainConfig, policy):
     def loss_fn(model, batch: Rollouts, step: int):
+        counts = None
+        if distributed.world() > 1:  # divide by the global numbers of completions and tokens
+            local = torch.tensor([float(batch.ids.shape[0]), float(batch.mask.sum())])
+            n, tokens = (distributed.all_reduce_sum(local).clamp(min=1) / distributed.world()).tolist()
+            counts = (n, tokens)
         if batch.ids.shape[0] == 0:
-            zero = sum(p.sum() for p in model.parameters()) * 0.0
-            return zero, {**batch.metrics, "loss": 0.0}, [], 0
+            if counts is None:
+                zero = sum(p.sum() for p in model.parameters()) * 0.0
+                return zero, {**batch.metrics, "loss": 0.0}, [], 0
+            # nothing to learn here, but the forward and backward are collective: run them on a dummy row
+            logp, _, loads = policy.logprobs(torch.full((1, 2), policy.pad_id, device=policy.device),
+                                             cfg.temperature, model)
+            return logp.sum() * 0.0, {**batch.metrics, "loss": 0.0}, [torch.zeros_like(c) for c in loads], 0
         logp, entropy, loads = policy.logprobs(batch.ids, cfg.temperature, model)
         entropy = entropy.detach()
         old = batch.old_logp if batch.old_logp is not None else logp.detach()
-        loss, stats = grpo_loss(logp, old, batch.ref_logp, batch.advantages, batch.mask, cfg)
+        loss, stats = grpo_loss(logp, old, batch.ref_logp, batch.advantages, batch.mask, cfg, counts)
         tokens = batch.mask.sum().clamp(min=1)
         metrics = {**batch.metrics, **stats, "entropy": float((entropy * batch.mask).sum() / tokens),
                    "loss": loss.item()}
@@ -188,9 +219,9 @@ def run(cfg: TrainConfig) -> dict:
     from .lm import check_writable
 
     out = Path(cfg.out)
+    device = distributed.init(cfg.device)
     check_writable(out)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    distributed.share(cfg.prompts_per_step, "prompts_per_step")
     torch.manual_seed(cfg.seed)
     policy = load_policy(cfg.init, cfg.tokenizer, device, max_batch=cfg.prompts_per_step * cfg.group_size,
                          max_len=cfg.seq_len + cfg.max_new_tokens)
@@ -203,11 +234,14 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.beta > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     source = RolloutSource(cfg, policy, Mixture.from_recipe(cfg.tasks), {p.prompt for p in excluded}, reference)
-    before = policy.greedy_accuracy(held_out, cfg.max_new_tokens) if held_out and not cfg.resume else None
+    main = distributed.is_main()  # held-out answers: rank 0 alone
+    before = policy.greedy_accuracy(held_out, cfg.max_new_tokens) if held_out and not cfg.resume and main else None
     flops = policy.flops_per_token(cfg.seq_len + cfg.max_new_tokens)
     summary = Trainer(cfg, model, source, grpo_loss_fn(cfg, policy), flops, save_extra=policy.save_tokenizer,
                       load_model=policy.load).fit()
     if held_out:
-        summary["held_out_before"] = before
-        summary["held_out"] = policy.greedy_accuracy(held_out, cfg.max_new_tokens)
+        with distributed.full_weights(model):
+            if main:
+                summary["held_out_before"] = before
+                summary["held_out"] = policy.greedy_accuracy(held_out, cfg.max_new_tokens)
     return summary

@@ -6,19 +6,26 @@ The main head predicts token t+1, MTP depth k predicts token t+k+1 (V3 eq. 21-25
 sequence-wise auxiliary loss (eq. 17-20), tiny by design because the gate biases do the balancing. SFT is the same
 objective with the loss counted only on the assistant's tokens (the shards carry that mask).
 
+On several processes each takes its slice of every global batch (`batch_size` sequences in all); where a loss mask
+makes the count of positions vary, each process divides by the global count, so the mean of the processes' losses
+(what DDP and FSDP differentiate) is the single-process loss of the whole batch.
+
 Data preparation: task problems (a task recipe, or JSONL with prompt/solution) become chat documents
 `<bos><User>prompt<Assistant>solution<eos>`; JSONL rows with `text` and .txt / .parquet files become plain documents.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..config import ModelConfig
 from ..cost import flops_per_token
 from ..data import build_corpus, held_out_path, read_jsonl, write_jsonl
@@ -31,13 +38,24 @@ from .loop import Trainer
 from .recipe import TrainConfig
 
 
-def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean cross-entropy over the positions the mask counts (all when None). logits (B, T, V), targets (B, T)."""
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
+              count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the positions the mask counts (all when None). logits (B, T, V), targets (B, T).
+    `count` replaces the mask's own count as the divisor (several processes: the global count / processes)."""
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
     if mask is None:
         return ce.mean()
     mask = mask.flatten()
-    return (ce * mask).sum() / mask.sum().clamp(min=1)
+    return (ce * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
+
+
+def mask_counts(mask: torch.Tensor | None, depths: int) -> list[torch.Tensor | None]:
+    """The divisor of each head's masked mean (main, then MTP depth 1..depths): None on one process or without a
+    mask; else the count over all processes, divided by their number."""
+    if mask is None or distributed.world() == 1:
+        return [None] * (depths + 1)
+    counts = torch.stack([mask[:, k:].sum() for k in range(depths + 1)])
+    return list(distributed.all_reduce_sum(counts).clamp(min=1) / distributed.world())
 
 
 def lm_loss(cfg: TrainConfig):
@@ -47,10 +65,11 @@ def lm_loss(cfg: TrainConfig):
         mask = batch.mask.to(device) if batch.mask is not None else None
         mtp_lambda = cfg.mtp_lambda if step < cfg.mtp_lambda_switch * cfg.max_steps else cfg.mtp_lambda_final
         out = model(x, return_mtp=mtp_lambda > 0)
-        main = masked_ce(out.logits, y, mask)
+        counts = mask_counts(mask, len(out.mtp_logits))
+        main = masked_ce(out.logits, y, mask, counts[0])
         loss, metrics = main, {"lm_loss": main.item()}
         if out.mtp_logits:
-            mtp = torch.stack([masked_ce(logits, y[:, k:], mask[:, k:] if mask is not None else None)
+            mtp = torch.stack([masked_ce(logits, y[:, k:], mask[:, k:] if mask is not None else None, counts[k])
                                for k, logits in enumerate(out.mtp_logits, start=1)])
             loss = loss + mtp_lambda * mtp.mean()
             metrics["mtp_loss"] = mtp.mean().item()
@@ -205,21 +224,28 @@ def run(cfg: TrainConfig) -> dict:
     from ..evaluate import greedy_accuracy
 
     out = Path(cfg.out)
+    device = distributed.init(cfg.device)
     check_writable(out)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
     torch.manual_seed(cfg.seed)
-    tok, shards, held_out = prepare(cfg, out)
+    if distributed.is_main():  # rank 0 builds the corpus, tokenizer and shards; the others then read them
+        tok, shards, held_out = prepare(cfg, out)
+    distributed.barrier()
+    if not distributed.is_main():
+        tok, shards, held_out = prepare(dataclasses.replace(cfg, resume=True), out)
     model = build_model(cfg, tok, device)
     tok.model_max_length = model.cfg.max_position_embeddings
     if cfg.fp8:
         from ..fp8 import convert_to_fp8
         convert_to_fp8(model)
-    loader = BatchLoader(shards, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    loader = BatchLoader(shards, distributed.share(cfg.batch_size, "batch_size"), cfg.seq_len, seed=cfg.seed,
+                         rank=distributed.rank(), world=distributed.world())
     f = flops_per_token(model.cfg, cfg.seq_len)
     flops = f["training"] + (f["mtp_training"] if cfg.mtp_lambda > 0 else 0.0)
-    summary = Trainer(cfg, model, loader, lm_loss(cfg), flops, save_extra=tok.save).fit()
+    trainer = Trainer(cfg, model, loader, lm_loss(cfg), flops, save_extra=tok.save)
+    summary = trainer.fit()
     if cfg.eval_n and held_out:
+        model = trainer.parallel.export(model)  # rank 0: the whole model; the others: None
+    if cfg.eval_n and held_out and distributed.is_main():
         summary["held_out"] = greedy_accuracy(model, tok, held_out[:cfg.eval_n])
         (out / "eval.json").write_text(json.dumps(summary["held_out"], indent=2))
     return summary
@@ -228,7 +254,7 @@ def run(cfg: TrainConfig) -> dict:
 def check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:

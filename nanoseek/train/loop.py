@@ -15,6 +15,14 @@ Checkpoints are `OUT/checkpoints/step_NNNNNN/{model/ (a Hugging Face directory),
 under a `.tmp` name and renamed, so a kill at any moment leaves the previous checkpoint intact. `resume` restores
 weights, optimiser, data position and RNG, and truncates metrics.jsonl to the checkpoint, so a resumed run logs
 exactly the losses an uninterrupted run would.
+
+On many processes (`torchrun`, see distributed.py) the same loop runs on each: the model is wrapped or sharded by
+`distributed.Parallel` (DDP, FSDP2, expert parallelism), gradients are reduced with the last micro-batch, the
+expert loads that move the gate biases are summed over all processes (so every rank keeps the same biases) and the
+logged metrics are means over them. Rank 0 alone logs, shows progress and writes model directories. The trainer
+state of such a run is a `torch.distributed.checkpoint` directory (`trainer_state/optimizer/`, the optimizer state
+keyed by parameter name and resharded on load), so it resumes on any number of processes, one included; the weights
+come from the checkpoint's ordinary model directory, gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import distributed
 from ..cost import matmul_peak
 from ..errors import TrainError
 from ..model import Transformer
@@ -87,9 +96,15 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self.device = next(model.parameters()).device
+        distributed.init(self.device.type)  # under torchrun: join the process group (a no-op once joined)
+        self.parallel = distributed.Parallel(cfg.parallel, cfg.expert_parallel)
+        self.main = distributed.is_main()
+        # one process: the model itself. GRPO never runs the MTP module; a zero MTP weight leaves it out
+        unused = cfg.stage == "grpo" or min(cfg.mtp_lambda, cfg.mtp_lambda_final) == 0
+        wrapped = self.parallel.wrap(model, unused_parameters=unused)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                            eps=1e-8, fused=self.device.type == "cuda")
-        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.step = 0
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
@@ -101,32 +116,47 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         final = self.ckpt_dir / f"step_{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
         self.save_model(tmp / "model")
-        (tmp / "trainer_state").mkdir(parents=True)
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+        state = {"step": self.step, "loader": self.loader.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "numpy": np.random.get_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                  "config": self.cfg.to_dict()}
-        torch.save(state, tmp / "trainer_state" / "state.pt")
-        (tmp / "trainer_state" / "state.json").write_text(json.dumps(
-            {"step": self.step, "loader": self.loader.state_dict(), "config": self.cfg.to_dict()}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in self.checkpoints()[:-self.cfg.keep_last]:
-            shutil.rmtree(old)
+        if self.parallel.active:  # every rank writes its part; resumable on any number of processes
+            self.parallel.save_optimizer(self.model, self.optimizer, tmp / "trainer_state" / "optimizer")
+        else:
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), **state}
+        if self.main:
+            (tmp / "trainer_state").mkdir(parents=True, exist_ok=True)
+            torch.save(state, tmp / "trainer_state" / "state.pt")
+            (tmp / "trainer_state" / "state.json").write_text(json.dumps(
+                {"step": self.step, "loader": self.loader.state_dict(), "processes": self.parallel.world,
+                 "config": self.cfg.to_dict()}, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self.checkpoints()[:-self.cfg.keep_last]:
+                shutil.rmtree(old)
+        distributed.barrier()
         return final
 
     def save_model(self, path: Path) -> None:
-        self.model.save_pretrained(path)
-        if self.save_extra is not None:
-            self.save_extra(path)
+        """A Hugging Face directory of the whole model, written by rank 0 (collective when the model is sharded)."""
+        model = self.parallel.export(self.model)
+        if model is not None:
+            model.save_pretrained(path)
+            if self.save_extra is not None:
+                self.save_extra(path)
+        distributed.barrier()
 
     def resume(self) -> None:
-        for stale in self.ckpt_dir.glob("step_*.tmp"):  # a save that was killed half-way
-            shutil.rmtree(stale)
+        if self.main:
+            for stale in self.ckpt_dir.glob("step_*.tmp"):  # a save that was killed half-way
+                shutil.rmtree(stale)
+        distributed.barrier()
         ckpts = self.checkpoints()
         if not ckpts:
             return
@@ -136,8 +166,13 @@ class Trainer:
         if model_config(saved) != model_config(self.model):
             raise TrainError(f"{path / 'model' / 'config.json'}: the checkpoint's model config differs from this "
                              "run's; resume with the recipe that wrote it or choose another --out")
-        self.model.load_state_dict(saved.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_full_state_dict(self.model, saved.state_dict())
+        if "optimizer" not in state:  # written by several processes
+            self.parallel.load_optimizer(self.model, self.optimizer, path / "trainer_state" / "optimizer")
+        elif self.parallel.active:  # written by one process, resumed on several
+            self.parallel.load_full_optimizer(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -145,10 +180,12 @@ class Trainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step = state["step"]
-        if self.metrics_path.exists():  # drop rows logged after this checkpoint: they will be logged again
+        if self.main and self.metrics_path.exists():  # drop rows logged after this checkpoint: logged again
             rows = [r for r in self.metrics_path.read_text().splitlines() if json.loads(r)["step"] <= self.step]
             self.metrics_path.write_text("".join(r + "\n" for r in rows))
-        print(f"resumed from {path} (step {self.step})")
+        distributed.barrier()
+        if self.main:
+            print(f"resumed from {path} (step {self.step})")
 
     # ---- the loop -------------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -158,21 +195,30 @@ class Trainer:
             group["lr"] = lr
         model.train()
         t0 = time.perf_counter()
-        totals, loads, tokens = {}, None, 0
-        for _ in range(cfg.grad_accum):
+        totals, loads, tokens, bad = {}, None, 0, None
+        for i in range(cfg.grad_accum):
             batch = self.loader.next()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                loss, metrics, layer_loads, n = self.loss_fn(self.forward_model, batch, self.step)
-            if not torch.isfinite(loss):
-                last = self.checkpoints()
-                raise TrainError(f"non-finite loss ({loss.item()}) at step {self.step}; stopped without saving. "
-                                 f"Last good checkpoint: {last[-1] if last else 'none'}. Lower lr or check the data.")
-            (loss / cfg.grad_accum).backward()
+            with self.parallel.accumulating(self.forward_model, last=i == cfg.grad_accum - 1):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    loss, metrics, layer_loads, n = self.loss_fn(self.forward_model, batch, self.step)
+                if not torch.isfinite(loss):
+                    bad = loss.item()
+                    if not self.parallel.active:  # on several processes every rank must stop together, below
+                        self.non_finite(bad)
+                (loss / cfg.grad_accum).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
             loads = layer_loads if loads is None else [a + b for a, b in zip(loads, layer_loads)]
             tokens += n
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if self.parallel.active:
+            if distributed.any_true(bad is not None):
+                self.non_finite(bad if bad is not None else "on another process")
+            self.parallel.finish_gradients()
+            totals = distributed.mean_metrics(totals)
+            tokens = int(distributed.all_reduce_sum(torch.tensor(tokens)))
+            if loads:  # the global expert loads: every rank moves its biases the same way
+                loads = list(distributed.all_reduce_sum(torch.stack(loads)).unbind(0))
+        grad_norm = self.parallel.clip_grad_norm(model, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         gamma = cfg.bias_gamma if self.step < cfg.bias_gamma_stop * cfg.max_steps else 0.0
@@ -186,8 +232,13 @@ class Trainer:
                 "grad_norm": round(float(grad_norm), 5), "bias_gamma": gamma,
                 "maxvio": maxvio, "maxvio_mean": round(sum(maxvio) / len(maxvio), 4) if maxvio else 0.0,
                 "tokens": tokens, "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
-                "mfu": round(tokens / seconds * self.flops_per_token / self.peak, 4),
+                "mfu": round(tokens / seconds * self.flops_per_token / (self.peak * self.parallel.world), 4),
                 "flops_per_token": self.flops_per_token, "peak_flops": round(self.peak)}
+
+    def non_finite(self, value) -> None:
+        last = self.checkpoints()
+        raise TrainError(f"non-finite loss ({value}) at step {self.step}; stopped without saving. "
+                         f"Last good checkpoint: {last[-1] if last else 'none'}. Lower lr or check the data.")
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -197,13 +248,14 @@ class Trainer:
         elif self.checkpoints():
             raise TrainError(f"{self.ckpt_dir} already holds checkpoints; pass --resume true to continue that run "
                              "or choose another --out")
-        elif self.metrics_path.exists():
+        elif self.main and self.metrics_path.exists():
             self.metrics_path.unlink()
-        self.peak = matmul_peak(self.device)
+        distributed.barrier()
+        self.peak = matmul_peak(self.device) if self.main else 1.0  # only rank 0's rows are written
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.stage} {self.out}", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not self.main)
         row = None
-        with open(self.metrics_path, "a") as log:
+        with open(self.metrics_path if self.main else os.devnull, "a") as log:
             while self.step < cfg.max_steps:
                 row = self.train_step()
                 log.write(json.dumps(row) + "\n")
@@ -215,7 +267,8 @@ class Trainer:
                 bar.set_postfix(shown)
                 if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                     self.save_checkpoint()
-                    self.peak = max(self.peak, matmul_peak(self.device))  # a busy machine reads low: keep the best
+                    if self.main:  # a busy machine reads low: keep the best
+                        self.peak = max(self.peak, matmul_peak(self.device))
         bar.close()
         final = self.out / "model"
         self.save_model(final)

@@ -55,6 +55,9 @@ class TrainConfig:
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
+    # many processes (`torchrun ... -m nanoseek`): batch_size (and prompts_per_step) are global, split over them
+    parallel: str = "dp"  # dp: DDP replicas | fsdp: FSDP2, parameters, gradients and optimiser state sharded
+    expert_parallel: int = 1  # split every MoE layer's routed experts over this many processes (all_to_all)
     seed: int = 0
     out: str = "runs/pretrain"
     save_every: int = 200
@@ -86,6 +89,10 @@ class TrainConfig:
                  ("num_iterations", self.num_iterations >= 1, ">= 1"),
                  ("schedule", self.schedule in ("cosine", "wsd"), "is cosine or wsd"),
                  ("device", self.device in ("auto", "cpu", "cuda"), "is auto, cpu or cuda"),
+                 ("parallel", self.parallel in ("dp", "fsdp"), "is dp or fsdp"),
+                 ("expert_parallel", self.expert_parallel >= 1, ">= 1"),
+                 ("expert_parallel", self.expert_parallel == 1 or self.stage != "grpo",
+                  "1 for GRPO (rollouts of different lengths on each process cannot share experts)"),
                  ("seq_len", self.seq_len > 0, "> 0"), ("batch_size", self.batch_size > 0, "> 0"),
                  ("grad_accum", self.grad_accum > 0, "> 0"), ("max_steps", self.max_steps > 0, "> 0"),
                  ("lr", self.lr > 0, "> 0"), ("save_every", self.save_every > 0, "> 0"),
