@@ -123,6 +123,21 @@ def level_scores(report: dict, mixture: Mixture) -> dict[str, float | None]:
     return {f"pass@1_{side}": total / n if n else None for side, (total, n) in sums.items()}
 
 
+def score(cfg: PipelineConfig, model_dir: Path, problems: list) -> dict:
+    """A model's evaluation report on held-out problems as every pipeline stage is scored: `eval_samples` samples
+    per problem at `eval_temperature`, MTP speculative decoding when the model has an MTP module (distribution-
+    preserving; it adds the acceptance rate), pass@1 also split into trained levels and harder ones."""
+    from .evaluate import evaluate
+    from .model import Transformer
+    from .sampling import SamplingParams
+    from .tokenizer import Tokenizer
+    model, tok = Transformer.from_pretrained(model_dir).eval(), Tokenizer.load(model_dir)
+    params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=cfg.eval_temperature)
+    report = evaluate(model, tok, problems, cfg.eval_samples, params, seed=cfg.seed,
+                      speculative=model.cfg.num_nextn_predict_layers > 0)
+    return {**report, **level_scores(report, Mixture.from_recipe(cfg.tasks))}
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, run_dir: Path):
         self.cfg, self.dir = cfg, Path(run_dir)
@@ -203,18 +218,10 @@ class Pipeline:
                 "final_loss": summary["final_loss"]}
 
     def evaluate(self, name: str) -> dict:
-        from .evaluate import evaluate, format_table
-        from .model import Transformer
-        from .sampling import SamplingParams
-        from .tokenizer import Tokenizer
-        cfg, model_dir = self.cfg, self.dir / name / "model"
-        model, tok = Transformer.from_pretrained(model_dir).eval(), Tokenizer.load(model_dir)
-        problems = read_jsonl(self.dir / "data" / "eval.jsonl")
-        params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=cfg.eval_temperature)
-        report = evaluate(model, tok, problems, cfg.eval_samples, params, seed=cfg.seed,
-                          speculative=model.cfg.num_nextn_predict_layers > 0)
-        report = {"label": name, "model": str(model_dir), "problems": "data/eval.jsonl (held-out)", **report,
-                  **level_scores(report, Mixture.from_recipe(cfg.tasks))}
+        from .evaluate import format_table
+        model_dir = self.dir / name / "model"
+        report = score(self.cfg, model_dir, read_jsonl(self.dir / "data" / "eval.jsonl"))
+        report = {"label": name, "model": str(model_dir), "problems": "data/eval.jsonl (held-out)", **report}
         path = self.dir / "evals" / f"{name}.json"
         path.parent.mkdir(exist_ok=True)
         write_json(path, report)

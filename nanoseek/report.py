@@ -288,15 +288,15 @@ def _save(fig: Figure, plots: Path, name: str) -> str:
 
 def _layer_names(stage: Stage, n: int) -> list[str]:
     """Names of the n MoE layers in a maxvio list: main layers by index, then the MTP modules' (when the stage's
-    model config accounts for exactly n)."""
+    model config accounts for exactly n; GRPO runs no MTP module, so its list holds the main layers alone)."""
     cfg = stage.config
     if cfg is not None:
-        main = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+        main = [f"layer {i}" for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
         mtp = [f"MTP {k + 1}" for k in range(cfg.num_nextn_predict_layers)
                if cfg.is_moe_layer(cfg.num_hidden_layers + k)]
-        names = [f"layer {i}" for i in main] + mtp
-        if len(names) == n:
-            return names
+        for names in (main + mtp, main):
+            if len(names) == n:
+                return names
     return [f"MoE layer {i}" for i in range(n)]
 
 
@@ -327,8 +327,8 @@ def section_summary(run: Run) -> list[str]:
         p, moe = param_counts(cfg), cfg.n_moe_layers
         models.append(f"- {', '.join(f'`{n}`' for n in names)}: {_si(p.total)} parameters, {_si(p.activated)} "
                       "activated per token" + (f", + {_si(p.mtp_total)} in the MTP module" if p.mtp_total else "")
-                      + f" ({cfg.num_hidden_layers} layers, {moe} of them MoE with {cfg.n_routed_experts} routed "
-                      f"experts, top-{cfg.num_experts_per_tok})")
+                      + (f" ({cfg.num_hidden_layers} layers, {moe} of them MoE with {cfg.n_routed_experts} routed "
+                         f"experts, top-{cfg.num_experts_per_tok})" if moe else f" ({cfg.num_hidden_layers} dense layers)"))
     if models:
         lines += ["Models (from each stage's `model/config.json`):", "", *models, ""]
     settings = run.pipeline.get("settings") if run.pipeline else None
