@@ -350,6 +350,30 @@ def _pass1_value(report: dict) -> float:
     return report["pass@1_mean"] if _finite(report.get("pass@1_mean")) else report["pass@1"]
 
 
+def _comparisons(run: Run) -> list[tuple[tuple[str, float], dict, str]]:
+    """((label, pass@1) of the model an evaluated model started from, its report, how they relate): a pipeline
+    stage against the stage its `init` (or its `teacher`) names, a seed study against its own `before`; without a
+    pipeline.json, each evaluation against the one before it."""
+    by_label = {e.label: e.report for e in run.evals}
+    settings = run.pipeline.get("settings") if run.pipeline else None
+    stages = {s.get("name"): s for s in settings.get("stages", []) if isinstance(s, dict)} \
+        if isinstance(settings, dict) else {}
+    out = []
+    for i, e in enumerate(run.evals):
+        r = {**e.report, "label": e.label}
+        stage = stages.get(e.label, {})
+        if isinstance(r.get("before"), dict) and _finite(r["before"].get("pass@1")):
+            out.append(((str(r["before"].get("label", "start")), r["before"]["pass@1"]), r, " (mean over seeds)"))
+        elif stage.get("init") in by_label:
+            out.append(((stage["init"], _pass1_value(by_label[stage["init"]])), r, ""))
+        elif stage.get("teacher") in by_label:
+            out.append(((stage["teacher"], _pass1_value(by_label[stage["teacher"]])), r, " (teacher → student)"))
+        elif not stages and i > 0:
+            before = run.evals[i - 1]
+            out.append(((before.label, _pass1_value(before.report)), r, ""))
+    return out
+
+
 def section_evals(run: Run, plots: Path) -> list[str]:
     if not run.evals:
         return _missing("Held-out accuracy", "no evaluation reports (evals/*.json or a stage's eval.json)")
@@ -369,10 +393,10 @@ def section_evals(run: Run, plots: Path) -> list[str]:
             row += [_pct(r.get(f"pass@{k}")), _pct(r.get(f"maj@{k}"))] if many else ["—", "—"]
         rows.append(row + [_pct(r.get("format_rate")), _pct(r.get("answer_rate")), _num(r.get("mean_tokens"), 1)])
     lines += _table(header, rows) + [""]
-    for before, after in zip(run.evals, run.evals[1:]):
-        delta = _pass1_value(after.report) - _pass1_value(before.report)
-        lines.append(f"- `{before.label}` → `{after.label}`: pass@1 {_pct(_pass1_value(before.report))} → "
-                     f"{_pct(_pass1_value(after.report))} ({delta * 100:+.1f} points)")
+    for start, after, how in _comparisons(run):
+        delta = _pass1_value(after) - start[1]
+        lines.append(f"- `{start[0]}` → `{after['label'] if after.get('label') else '?'}`{how}: pass@1 "
+                     f"{_pct(start[1])} → {_pct(_pass1_value(after))} ({delta * 100:+.1f} points)")
     if len(run.evals) > 1:
         lines.append("")
 

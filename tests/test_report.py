@@ -92,6 +92,22 @@ def test_report_holds_the_runs_numbers_and_plots(run):
     assert not list(run.glob(".report.md*"))  # written under a temporary name, then renamed
 
 
+def test_each_stage_is_compared_with_the_model_it_started_from(run):
+    (run / "evals" / "distill.json").write_text(json.dumps(eval_report(0.25, "distill")))
+    (run / "evals" / "seeds.json").write_text(json.dumps({
+        "label": "seeds", "pass@1": 0.5, "seeds": [0.5, 0.5], "pass@1_mean": 0.5, "pass@1_std": 0.0,
+        "before": {"label": "pretrain", "pass@1": 0.125}}))
+    stages = [{"name": "pretrain", "stage": "pretrain"}, {"name": "grpo", "stage": "grpo", "init": "pretrain"},
+              {"name": "distill", "stage": "distill", "teacher": "grpo"}]
+    state = json.loads((run / "pipeline.json").read_text())
+    (run / "pipeline.json").write_text(json.dumps({**state, "settings": {"stages": stages}}))
+    md = write_report(run).read_text()
+    assert "`pretrain` → `grpo`: pass@1 12.5% → 37.5% (+25.0 points)" in md
+    assert "`grpo` → `distill` (teacher → student): pass@1 37.5% → 25.0% (-12.5 points)" in md
+    assert "`pretrain` → `seeds` (mean over seeds): pass@1 12.5% → 50.0% (+37.5 points)" in md
+    assert "`distill` → `seeds`" not in md
+
+
 def test_partial_run_says_what_is_missing(tmp_path):
     write_stage(tmp_path / "pretrain", pretrain_rows(5), truncated=True)  # killed mid-write, no evals
     (tmp_path / "pipeline.json").write_text(json.dumps({"stages": [{"name": "pretrain", "dir": "pretrain"}, {"name": "grpo", "dir": "grpo"}]}))
