@@ -69,7 +69,7 @@ def cmd_pipeline(args) -> None:
     print(f"nanoseek {args.command}: {recipe} -> {out}" + (f"\n  {cfg.description.strip()}" if cfg.description else ""))
     result = Pipeline(cfg, out).run()
     print(f"\nfinished in {result['seconds'] / 60:.1f} min. Held-out pass@1 (mean of {cfg.eval_samples} samples at "
-          f"temperature {cfg.eval_temperature}; at the trained levels / one level harder):")
+          f"temperature {cfg.eval_temperature}, top-p {cfg.eval_top_p}; at the trained levels / one level harder):")
     for name, e in result["evals"].items():
         levels = " / ".join("-" if e.get(k) is None else f"{e[k]:.1%}" for k in ("pass@1_trained", "pass@1_harder"))
         print(f"  {name:<16} {e['pass@1']:6.1%}   ({levels})")

@@ -47,7 +47,8 @@ class PipelineConfig:
     eval_n: int = 128  # held-out problems at the trained levels ...
     eval_harder_n: int = 64  # ... and one level above the hardest trained level of each family
     eval_samples: int = 4  # completions per problem: pass@1 is their mean (R1's definition) ...
-    eval_temperature: float = 0.6  # ... sampled at R1's evaluation temperature
+    eval_temperature: float = 0.6  # ... sampled at R1's evaluation temperature and top-p
+    eval_top_p: float = 0.95
     eval_max_new_tokens: int = 160
     vocab_size: int = 2048
     tokenizer_digits: int = 3
@@ -132,7 +133,8 @@ def score(cfg: PipelineConfig, model_dir: Path, problems: list) -> dict:
     from .sampling import SamplingParams
     from .tokenizer import Tokenizer
     model, tok = Transformer.from_pretrained(model_dir).eval(), Tokenizer.load(model_dir)
-    params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=cfg.eval_temperature)
+    params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=cfg.eval_temperature,
+                            top_p=cfg.eval_top_p)
     report = evaluate(model, tok, problems, cfg.eval_samples, params, seed=cfg.seed,
                       speculative=model.cfg.num_nextn_predict_layers > 0)
     return {**report, **level_scores(report, Mixture.from_recipe(cfg.tasks))}
