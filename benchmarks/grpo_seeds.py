@@ -71,7 +71,8 @@ def main() -> int:
     write_json(args.run_dir / "evals" / "grpo-seeds.json", {
         "label": "grpo-seeds", "model": str(args.run_dir / "grpo-seeds"), "problems": "data/eval.jsonl (held-out)",
         "pass@1": statistics.mean(after), "seeds": after, "pass@1_mean": statistics.mean(after),
-        "pass@1_std": statistics.stdev(after) if len(after) > 1 else 0.0, "before": {"label": entry["init"], **{k: before[k] for k in KEYS}},
+        "pass@1_std": statistics.stdev(after) if len(after) > 1 else 0.0,
+        "before": {"label": entry["init"], **{k: before[k] for k in KEYS}},
         "after": rows, "gain": {k: {"mean": m, "std": sd} for k, (m, sd) in gains.items()},
         "samples": cfg.eval_samples, "sampling": {"temperature": cfg.eval_temperature, "top_p": cfg.eval_top_p}})
     return 0

@@ -85,7 +85,8 @@ class PipelineConfig:
             if entry["name"] in names or entry["name"] in ("data", "tokenizer", "evals", "model", "plots"):
                 raise TrainError(f"{where}: the name {entry['name']!r} is taken")
             names.append(entry["name"])
-            self.stage_config(entry, Path("RUN_DIR"), names[:-1])  # unknown keys and bad values fail before anything runs
+            # unknown keys and bad values fail here, before anything runs
+            self.stage_config(entry, Path("RUN_DIR"), names[:-1])
         if self.export is not None and self.export not in names:
             raise TrainError(f"{source}: export: {self.export!r} is not a stage ({', '.join(names)})")
 

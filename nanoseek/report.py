@@ -143,7 +143,8 @@ def find_stages(run_dir: Path, pipeline: dict | None, notes: list[str]) -> list[
             continue  # data, tokenizer, eval, export steps: no training stage
         d = run_dir / str(s.get("dir", s["name"]))
         if not (d / "metrics.jsonl").is_file():
-            notes.append(f"stage `{s['name']}` is listed in pipeline.json but `{d}` has no metrics.jsonl (not run yet?)")
+            notes.append(f"stage `{s['name']}` is listed in pipeline.json but `{d}` has no metrics.jsonl "
+                         "(not run yet?)")
             continue
         found.append((s["name"], d, s["seconds"] if _finite(s.get("seconds")) else None))
         seen.add(d.resolve())
@@ -314,8 +315,8 @@ def section_summary(run: Run) -> list[str]:
                      _duration(s.wall_seconds), final, _si(tokens / seconds) if seconds > 0 else "—",
                      _pct(mean_mfu)])
     lines += _table(["stage", "steps", "tokens", "step time", "wall time", "final", "tokens/s", "mean MFU"], rows)
-    lines += ["", "Step time is the sum of the optimizer steps' times; wall time (from pipeline.json, when present) adds "
-              "data preparation, evaluation and saving. MFU is the model's training FLOPs per second over this "
+    lines += ["", "Step time is the sum of the optimizer steps' times; wall time (from pipeline.json, when present) "
+              "adds data preparation, evaluation and saving. MFU is the model's training FLOPs per second over this "
               "device's best dense matmul rate, averaged with the step times as weights.", ""]
     configs: dict[str, list[str]] = {}  # stages sharing a model config are listed together
     for s in run.stages:
@@ -328,7 +329,8 @@ def section_summary(run: Run) -> list[str]:
         models.append(f"- {', '.join(f'`{n}`' for n in names)}: {_si(p.total)} parameters, {_si(p.activated)} "
                       "activated per token" + (f", + {_si(p.mtp_total)} in the MTP module" if p.mtp_total else "")
                       + (f" ({cfg.num_hidden_layers} layers, {moe} of them MoE with {cfg.n_routed_experts} routed "
-                         f"experts, top-{cfg.num_experts_per_tok})" if moe else f" ({cfg.num_hidden_layers} dense layers)"))
+                         f"experts, top-{cfg.num_experts_per_tok})" if moe
+                         else f" ({cfg.num_hidden_layers} dense layers)"))
     if models:
         lines += ["Models (from each stage's `model/config.json`):", "", *models, ""]
     settings = run.pipeline.get("settings") if run.pipeline else None
