@@ -48,6 +48,21 @@ def test_outputs_and_mtp_shapes():
     assert out.balance is not None and out.balance.requires_grad
 
 
+def test_router_counts_leave_out_masked_padding():
+    cfg = tiny_config()
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    real = torch.arange(10)[None, :] < torch.tensor([[10], [6]])  # the second row is padded after 6 tokens
+    with torch.no_grad():
+        masked = model(ids, return_mtp=False, token_mask=real)
+        unmasked = model(ids, return_mtp=False)
+        alone = model(ids[1:, :6], return_mtp=False)
+    assert torch.equal(masked.logits, unmasked.logits)  # only the statistics change
+    first = model(ids[:1], return_mtp=False)
+    for m, a, f in zip(masked.router, alone.router, first.router):
+        assert torch.equal(m, a + f) and m.sum() == 16 * cfg.num_experts_per_tok
+
+
 def test_sequence_balance_statistic():
     """V3's sum_i f_i P_i: 1 for uniform scores and uniform choices, E / K_r when every token picks the same K_r
     experts and puts all its score on them."""

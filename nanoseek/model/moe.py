@@ -159,13 +159,17 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x (B, T, D) -> (B, T, D), tokens routed to each expert (E,), and in training mode the sequence-wise
-        balance statistic (a scalar, see `sequence_balance`), else None."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x (B, T, D) -> (B, T, D), tokens routed to each expert (E,) (only those token_mask (B, T) marks, when
+        given: padding is routed but not counted), and in training mode the sequence-wise balance statistic (a
+        scalar, see `sequence_balance`), else None."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(x)
         y, counts = self.experts(x, weights, indices)
+        if token_mask is not None:
+            counts = torch.bincount(indices[token_mask.flatten()].flatten(), minlength=counts.shape[0])
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         balance = sequence_balance(scores.view(*shape[:2], -1), indices.view(*shape[:2], -1)) if self.training else None

@@ -32,12 +32,12 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, cache: LatentCache | None = None, start_pos: int = 0):
+    def forward(self, x, rope, cache: LatentCache | None = None, start_pos: int = 0, token_mask=None):
         """x (B, T, D) -> (B, T, D), and for a MoE layer (tokens per expert (E,), balance statistic), else None."""
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, start_pos)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            h, counts, balance = self.mlp(h)
+            h, counts, balance = self.mlp(h, token_mask)
             return x + h, (counts, balance)
         return x + self.mlp(h), None
 
@@ -106,10 +106,12 @@ class Transformer(nn.Module):
         return [LatentCache.empty(self.cfg, batch_size, max_len, w.dtype, w.device) for _ in range(n)]
 
     def forward(self, input_ids: torch.Tensor, cache: list[LatentCache] | None = None,
-                start_pos: int | torch.Tensor = 0, return_mtp: bool | None = None) -> ModelOutput:
+                start_pos: int | torch.Tensor = 0, return_mtp: bool | None = None,
+                token_mask: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, T). Without a cache: the whole causal sequence (training). With one: tokens at positions
         start_pos.. that attend to the cached prefix (decoding); start_pos may be a (B,) tensor, one per row.
-        MTP logits by default only without a cache."""
+        MTP logits by default only without a cache. token_mask (B, T): the tokens the main layers' router counts
+        include (right-padding excluded); default all."""
         B, T = input_ids.shape
         positions = positions_of(start_pos, B, T, input_ids.device)
         last = start_pos + T if isinstance(start_pos, int) else int(positions.max()) + 1
@@ -120,7 +122,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         routing = []
         for i, layer in enumerate(self.layers):
-            x, r = layer(x, rope, cache[i] if cache else None, start_pos)
+            x, r = layer(x, rope, cache[i] if cache else None, start_pos, token_mask)
             routing.append(r)
         h = self.norm(x)
         out = ModelOutput(logits=self.lm_head(h), hidden=h)

@@ -88,6 +88,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 @dataclass
 class Rollouts:
     ids: torch.Tensor  # (N, L) prompt + completion, right-padded
+    real: torch.Tensor  # (N, L) True on the prompt and completion tokens, False on the padding
     mask: torch.Tensor  # (N, L-1) 1 where the target ids[:, t+1] is a completion token that counts
     advantages: torch.Tensor  # (N,)
     old_logp: torch.Tensor | None  # (N, L-1) at sampling time (num_iterations > 1)
@@ -164,7 +165,8 @@ class RolloutSource:
                    "truncated": sum(c.finish_reason == "length" for _, c in stats) / len(stats),
                    "groups_kept": len(groups) / max(1, len(stats) // cfg.group_size)}
         if not groups:  # every group had equal rewards: nothing to learn from this batch
-            return Rollouts(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 1), torch.zeros(0), None, None, metrics)
+            empty = torch.zeros(0, 2, dtype=torch.long)
+            return Rollouts(empty, empty.bool(), torch.zeros(0, 1), torch.zeros(0), None, None, metrics)
         rewards = torch.tensor([r for _, rs in groups for r in rs]).view(len(groups), cfg.group_size)
         advantages = group_advantages(rewards, cfg.loss_type).flatten()
         seqs, spans = [], []
@@ -176,14 +178,15 @@ class RolloutSource:
         L = max(map(len, seqs))
         ids = torch.full((len(seqs), L), self.policy.pad_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), L - 1)
+        real = torch.arange(L)[None, :] < torch.tensor([len(seq) for seq in seqs])[:, None]
         for row, (seq, (start, n)) in enumerate(zip(seqs, spans)):
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, start - 1:start - 1 + n] = 1.0  # targets ids[start .. start + n - 1]
         device = self.policy.device
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask, real = ids.to(device), mask.to(device), real.to(device)
         old = self.policy.logprobs(ids, cfg.temperature)[0] if cfg.num_iterations > 1 else None
         ref = self.policy.logprobs(ids, cfg.temperature, self.reference)[0] if self.reference is not None else None
-        return Rollouts(ids, mask, advantages.to(device), old, ref, metrics)
+        return Rollouts(ids, real, mask, advantages.to(device), old, ref, metrics)
 
 
 def grpo_loss_fn(cfg: TrainConfig, policy):
@@ -201,14 +204,14 @@ def grpo_loss_fn(cfg: TrainConfig, policy):
             logp, _, loads = policy.logprobs(torch.full((1, 2), policy.pad_id, device=policy.device),
                                              cfg.temperature, model)
             return logp.sum() * 0.0, {**batch.metrics, "loss": 0.0}, [torch.zeros_like(c) for c in loads], 0
-        logp, entropy, loads = policy.logprobs(batch.ids, cfg.temperature, model)
+        logp, entropy, loads = policy.logprobs(batch.ids, cfg.temperature, model, token_mask=batch.real)
         entropy = entropy.detach()
         old = batch.old_logp if batch.old_logp is not None else logp.detach()
         loss, stats = grpo_loss(logp, old, batch.ref_logp, batch.advantages, batch.mask, cfg, counts)
         tokens = batch.mask.sum().clamp(min=1)
         metrics = {**batch.metrics, **stats, "entropy": float((entropy * batch.mask).sum() / tokens),
                    "loss": loss.item()}
-        return loss, metrics, loads, batch.ids.numel()
+        return loss, metrics, loads, int(batch.real.sum())
     return loss_fn
 
 

@@ -2,8 +2,9 @@
 
     prompt(text)                       -> prompt ids (the chat-formatted user turn)
     generate(prompts, params)          -> completions (`engine.Completion`: token ids, text, finish reason)
-    logprobs(ids, temperature, model)  -> log pi(ids[:, t+1] | ids[:, :t+1]) (N, L-1), entropies (N, L-1),
-                                          tokens per expert per MoE layer (empty for a dense model)
+    logprobs(ids, temperature, model,  -> log pi(ids[:, t+1] | ids[:, :t+1]) (N, L-1), entropies (N, L-1),
+             token_mask)                  tokens per expert per MoE layer, counting the tokens token_mask (N, L)
+                                          marks (padding excluded); empty for a dense model
     save(dir), load(dir)               -> a Hugging Face directory (model + tokenizer), and the model read back
     greedy_accuracy(problems, n)       -> held-out greedy accuracy (`evaluate.greedy_accuracy`'s report)
 
@@ -89,8 +90,9 @@ class NanoseekPolicy:
         finally:
             self.model.train(training)
 
-    def logprobs(self, ids: torch.Tensor, temperature: float, model: torch.nn.Module | None = None):
-        out = (model if model is not None else self.model)(ids, return_mtp=False)
+    def logprobs(self, ids: torch.Tensor, temperature: float, model: torch.nn.Module | None = None,
+                 token_mask: torch.Tensor | None = None):
+        out = (model if model is not None else self.model)(ids, return_mtp=False, token_mask=token_mask)
         return (*token_logprobs(out.logits, ids, temperature), [c.detach() for c in out.router])
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -224,7 +226,8 @@ class HFPolicy:
             completions.append(c)
         return completions
 
-    def logprobs(self, ids: torch.Tensor, temperature: float, model: torch.nn.Module | None = None):
+    def logprobs(self, ids: torch.Tensor, temperature: float, model: torch.nn.Module | None = None,
+                 token_mask: torch.Tensor | None = None):
         logits = (model if model is not None else self.model)(input_ids=ids, use_cache=False).logits
         return (*token_logprobs(logits, ids, temperature), [])
 
