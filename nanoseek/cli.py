@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     claims.set_defaults(func=cmd_claims)
 
     for name, text in (("demo", "the main job: data -> tokenizer -> pretrain -> GRPO -> distill, evaluated, exported, "
-                                "reported (about 15 min on 2 CPU cores)"),
+                                "reported (about 12 min on 2 CPU cores)"),
                        ("pipeline", "a multi-stage recipe: r1-zero, r1, demo, or your own")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--recipe", required=name == "pipeline",
