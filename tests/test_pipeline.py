@@ -78,6 +78,25 @@ def test_a_killed_pipeline_resumes_where_it_stopped(recipe, tmp_path, monkeypatc
     assert capsys.readouterr().out.count("done earlier, skipped") == 9
 
 
+def test_r1_stages_cold_start_sft_then_rejection_sampling_into_the_same_model(recipe, tmp_path):
+    stages = [RECIPE["stages"][0],
+              {"name": "cold-start", "stage": "sft", "init": "pretrain", "max_steps": 2, "seq_len": 64,
+               "batch_size": 2, "save_every": 2},
+              {"name": "rejection-sft", "stage": "distill", "teacher": "cold-start", "init": "cold-start",
+               "tasks_n": 4, "group_size": 2, "max_steps": 2, "max_new_tokens": 12, "seq_len": 64, "batch_size": 2,
+               "save_every": 2}]
+    recipe.write_text(yaml.safe_dump({**RECIPE, "stages": stages, "export": None}))
+    out = tmp_path / "run"
+    assert main(["pipeline", "--recipe", str(recipe), "--out", str(out)]) == 0
+    index = json.loads((out / "cold-start" / "data" / "shards" / "index.json").read_text())
+    assert index["masked"]  # SFT: the loss counts the replies only
+    pretrained = json.loads((out / "pretrain" / "model" / "config.json").read_text())
+    student = json.loads((out / "rejection-sft" / "model" / "config.json").read_text())
+    assert student == pretrained  # rejection sampling trained the model itself, not a fresh student
+    assert json.loads((out / "evals" / "rejection-sft.json").read_text())["label"] == "rejection-sft"
+    assert (out / "model" / "config.json").exists()  # the last stage is exported
+
+
 def test_other_settings_in_the_same_directory_are_refused(recipe, tmp_path, capsys):
     out = tmp_path / "run"
     Pipeline(PipelineConfig.load(recipe), out).record("data", 1.0)
