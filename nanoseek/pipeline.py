@@ -75,6 +75,15 @@ class PipelineConfig:
         return cfg
 
     def check(self, source: str) -> None:
+        kinds = {"str": str, "list": list, "int": int, "float": (int, float), "str | None": (str, type(None))}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, kinds[f.type]):
+                raise TrainError(f"{source}: '{f.name}' = {value!r}: expected {f.type}")
+        for key, low in (("tasks_n", 1), ("eval_n", 0), ("eval_harder_n", 0), ("eval_samples", 1),
+                         ("eval_max_new_tokens", 1)):
+            if getattr(self, key) < low:
+                raise TrainError(f"{source}: '{key}' = {getattr(self, key)}: must be >= {low}")
         names = []
         for i, entry in enumerate(self.stages):
             where = f"{source}: stages[{i}]"

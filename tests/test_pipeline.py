@@ -112,6 +112,8 @@ def test_other_settings_in_the_same_directory_are_refused(recipe, tmp_path, caps
     (lambda r: r["stages"][0].update(learning_rate=1.0), "unknown key 'learning_rate'"),
     (lambda r: r.update(export="nothing"), "export: 'nothing' is not a stage"),
     (lambda r: r.pop("tasks"), "'tasks' is required"),
+    (lambda r: r.update(eval_samples="four"), "'eval_samples' = 'four': expected int"),
+    (lambda r: r.update(eval_samples=0), "'eval_samples' = 0: must be >= 1"),
 ])
 def test_recipe_mistakes_are_named_before_anything_runs(recipe, tmp_path, capsys, edit, message):
     bad = json.loads(json.dumps(RECIPE))
