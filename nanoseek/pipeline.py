@@ -158,7 +158,8 @@ class Pipeline:
         if self.state_path.exists():
             saved = json.loads(self.state_path.read_text())
             if saved["settings"] != self.state["settings"]:
-                changed = sorted(k for k in saved["settings"] if saved["settings"][k] != self.state["settings"].get(k))
+                ours, theirs = self.state["settings"], saved["settings"]
+                changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
                 raise TrainError(f"{self.dir} holds a run with other settings ({', '.join(changed)}); choose "
                                  "another --out, or --fresh to start it over")
             self.state = saved
