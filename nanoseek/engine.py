@@ -1,9 +1,12 @@
 """The one generation engine (evaluation, GRPO rollouts, chat, the server): continuous batching on MLA's latent cache.
 
 Every sequence owns a row ("slot") of a preallocated absorbed-MLA cache holding only c^KV and k^R per token per
-layer. A new request is prefilled alone into a free slot; then all active sequences decode together, one token per
-step, each at its own position (rows of different lengths share one forward). Finished sequences free their slot at
-once (the last active row moves into it), so requests join and leave between decode steps.
+layer. Requests admitted together are prefilled in one forward (right-padded: causal attention keeps the padding
+out of every real position, and decoding overwrites the padded cache entries before any query can see them); a
+prompt submitted several times (GRPO's G samples of one prompt) is prefilled once and its cache rows copied. Then
+all active sequences decode together, one token per step, each at its own position (rows of different lengths
+share one forward). Finished sequences free their slot at once (the last active row moves into it), so requests
+join and leave between decode steps.
 
 With `speculative=True` the MTP module drafts one token per step and the main model checks it in the same forward
 (two tokens per row): greedy output is identical to plain greedy, sampled output keeps its distribution
@@ -122,10 +125,11 @@ class Engine:
         events = []
         for seq in [s for s in itertools.chain(self.active, self.waiting) if s.cancelled]:
             events.append(self._finish(seq, "cancelled"))
-        while self.waiting and len(self.active) < self.max_batch:
-            seq = self.waiting.popleft()
-            self.active.append(seq)
-            events += self._prefill(seq, len(self.active) - 1)
+        admitted = []
+        while self.waiting and len(self.active) + len(admitted) < self.max_batch:
+            admitted.append(self.waiting.popleft())
+        if admitted:
+            events += self._prefill(admitted)
         self._free_finished()  # e.g. a first token that already stops
         if self.active:
             events += self._decode_speculative() if self.speculative else self._decode()
@@ -147,27 +151,51 @@ class Engine:
                 self.active[slot] = self.active[last]
             self.active.pop()
 
-    def _slot_cache(self, slot: int) -> list[LatentCache]:
-        return [LatentCache(c.kv[slot:slot + 1], c.pe[slot:slot + 1]) for c in self.cache]
+    def _slot_cache(self, start: int, end: int) -> list[LatentCache]:
+        """Views of the cache rows start..end-1 of every layer (main layers, then MTP)."""
+        return [LatentCache(c.kv[start:end], c.pe[start:end]) for c in self.cache]
 
-    def _prefill(self, seq: _Sequence, slot: int) -> list[Event]:
-        ids = torch.tensor([seq.c.prompt_ids], device=self.device)
-        out = self.model(ids, cache=self._slot_cache(slot)[:len(self.model.layers)])
-        seq.hidden = out.hidden[0, -2:]
+    def _prefill(self, admitted: list[_Sequence]) -> list[Event]:
+        """Prefill the admitted sequences into the next free slots: each distinct prompt once, in one right-padded
+        forward, into the slots of its first sequence; its other sequences get copies of those cache rows."""
+        by_prompt: dict[tuple[int, ...], list[_Sequence]] = {}
+        for seq in admitted:
+            by_prompt.setdefault(tuple(seq.c.prompt_ids), []).append(seq)
+        firsts = [group[0] for group in by_prompt.values()]
+        first_slot = len(self.active)
+        self.active += firsts + [seq for group in by_prompt.values() for seq in group[1:]]
+        lengths = [len(seq.c.prompt_ids) for seq in firsts]
+        ids = torch.zeros(len(firsts), max(lengths), dtype=torch.long)
+        for row, seq in enumerate(firsts):
+            ids[row, :lengths[row]] = torch.tensor(seq.c.prompt_ids)
+        ids = ids.to(self.device)
+        rows = self._slot_cache(first_slot, first_slot + len(firsts))
+        out = self.model(ids, cache=rows[:len(self.model.layers)])
         if self.speculative and ids.shape[1] > 2:  # MTP entries (h_i, t_{i+1}) for i <= L-3; the draft does the rest
-            self._mtp(out.hidden[:, :-2], ids[:, 1:-1], self._slot_cache(slot)[-1:], 0)
-        return self._accept(seq, out.logits[0, -1])
+            self._mtp(out.hidden[:, :-2], ids[:, 1:-1], rows[len(self.model.layers):], 0)
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = out.logits[torch.arange(len(firsts), device=self.device), last]  # (U, V)
+        events, copy_slot = [], first_slot + len(firsts)
+        for row, (group, n) in enumerate(zip(by_prompt.values(), lengths)):
+            for seq in group:
+                seq.hidden = out.hidden[row, max(0, n - 2):n]
+            for _ in group[1:]:
+                for c in self.cache:
+                    c.kv[copy_slot, :n] = c.kv[first_slot + row, :n]
+                    c.pe[copy_slot, :n] = c.pe[first_slot + row, :n]
+                copy_slot += 1
+            events += self._accept_rows(group, logits[row].expand(len(group), -1))
+        return events
 
     def _decode(self) -> list[Event]:
         tokens = torch.tensor([[s.pending] for s in self.active], device=self.device)
         pos = torch.tensor([s.pos for s in self.active], device=self.device)
         out = self.model(tokens, cache=self._main_cache(), start_pos=pos)
-        events = []
-        for seq, row, h in zip(list(self.active), out.logits[:, -1], out.hidden[:, -1]):
+        rows = list(self.active)
+        for seq, h in zip(rows, out.hidden[:, -1]):
             seq.pos += 1
             seq.hidden, seq.prev = torch.stack([seq.hidden[-1], h]), seq.pending
-            events += self._accept(seq, row)
-        return events
+        return self._accept_rows(rows, out.logits[:, -1])
 
     def _main_cache(self) -> list[LatentCache]:
         n = len(self.active)
@@ -207,24 +235,37 @@ class Engine:
             self.drafted += 1
             seq.pos += 1
             seq.hidden, seq.prev = torch.stack([seq.hidden[-1], out.hidden[i, 0]]), seq.pending
-            events += self._accept(seq, logits[i, 0], token=token)
+            events += self._record(seq, token, float(log_probs(logits[i, 0], seq.params)[token]))
             if kept and seq.c.finish_reason is None:
                 self.accepted += 1
                 seq.pos += 1
                 seq.hidden, seq.prev = out.hidden[i, :2], token
-                events += self._accept(seq, logits[i, 1])
+                events += self._accept_rows([seq], logits[i, 1:2])
         return events
 
     # ---- tokens in, events out -----------------------------------------------------------------------------------
-    def _accept(self, seq: _Sequence, logits: torch.Tensor, token: int | None = None) -> list[Event]:
-        """Record the token drawn from `logits` (or the given one) and check the stop conditions."""
+    def _accept_rows(self, rows: list[_Sequence], logits: torch.Tensor) -> list[Event]:
+        """Draw each row's next token from its logits (n, V), each with its own generator; the distributions of rows
+        with the same settings are computed together."""
+        logits = logits.float().cpu()
+        by_settings: dict[tuple, list[int]] = {}
+        for i, seq in enumerate(rows):
+            by_settings.setdefault((seq.params.temperature, seq.params.top_k, seq.params.top_p), []).append(i)
+        drawn: dict[int, tuple[int, float]] = {}
+        for members in by_settings.values():
+            params = rows[members[0]].params
+            probs, logp = probabilities(logits[members], params), log_probs(logits[members], params)
+            for k, i in enumerate(members):
+                token = draw(probs[k], rows[i].generator)
+                drawn[i] = token, float(logp[k, token])
+        return [e for i, seq in enumerate(rows) for e in self._record(seq, *drawn[i])]
+
+    def _record(self, seq: _Sequence, token: int, logprob: float) -> list[Event]:
+        """Append a token (and its log-prob, see sampling.log_probs) and check the stop conditions."""
         if seq.c.finish_reason is not None:
             return []
-        logits = logits.float().cpu()
-        if token is None:
-            token = draw(probabilities(logits, seq.params), seq.generator)
         seq.c.token_ids.append(token)
-        seq.c.logprobs.append(float(log_probs(logits, seq.params)[token]))
+        seq.c.logprobs.append(logprob)
         if token in seq.stop_ids:
             return [self._finish(seq, "stop")]
         seq.raw_text += seq.stream.step(token)

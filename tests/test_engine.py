@@ -62,6 +62,26 @@ def test_seeded_sampling_does_not_depend_on_the_batch(model, tok):
     assert other.token_ids != alone.token_ids
 
 
+def test_a_repeated_prompt_is_prefilled_once_and_its_samples_stay_seeded(model, tok, monkeypatch):
+    prompts = [PROMPTS[2]] * 3 + [PROMPTS[0], PROMPTS[2]]  # GRPO's group: one prompt, several samples
+    params = [SamplingParams(max_new_tokens=10, temperature=1.0, seed=s, ignore_eos=True) for s in range(5)]
+    alone = [Engine(model, tok, max_batch=1, max_len=64).generate([p], sp)[0].token_ids
+             for p, sp in zip(prompts, params)]
+    prefill_rows = []
+    forward = model.forward
+
+    def counting(input_ids, *args, **kwargs):
+        if input_ids.shape[1] > 1:
+            prefill_rows.append(input_ids.shape[0])
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    together = Engine(model, tok, max_batch=5, max_len=64).generate(prompts, params)
+    assert prefill_rows == [2]  # one forward, one row per distinct prompt
+    assert [c.token_ids for c in together] == alone
+    assert len({tuple(t) for t in alone[:3]}) > 1  # the copies of one prompt still sample differently
+
+
 def test_stops_and_finish_reasons(model, tok):
     engine = Engine(model, tok, max_batch=2, max_len=64)
     free = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]

@@ -9,6 +9,7 @@ import torch
 from nanoseek.rewards import RewardResult, combined_reward
 from nanoseek.train import grpo, loop
 from nanoseek.train.grpo import group_advantages, grpo_loss, run
+from nanoseek.train.policy import load_policy, sequence_logprobs
 from nanoseek.train.recipe import load_config
 
 from .conftest import crash_after
@@ -64,6 +65,26 @@ def test_one_update_has_the_policy_gradient():
     loss.backward()
     expected = torch.tensor([[-1 / 2, -1 / 2], [1 / 1, 0.0]]) / 2  # -A / tokens in the row, mean over 2 rows
     assert torch.allclose(logp.grad, expected)
+
+
+def test_length_sorted_micro_batches_give_the_padded_batch_log_probs(base):
+    """sequence_logprobs cuts the rollouts into micro-batches by length; every real target's log-prob and entropy,
+    and the experts' token counts, equal those of one padded batch."""
+    policy = load_policy(base)
+    torch.manual_seed(0)
+    lengths = [9, 30, 5, 17, 12, 30, 6]
+    ids = torch.full((len(lengths), max(lengths)), policy.pad_id)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(3, 300, (n,))
+    real = torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]
+    targets = real[:, 1:]
+    with torch.no_grad():
+        whole = policy.logprobs(ids, 0.7, token_mask=real)
+        for budget in (1, 40, 10_000):  # every row alone; a few per micro-batch; one batch
+            parts = sequence_logprobs(policy, ids, real, 0.7, budget)
+            assert torch.allclose(parts[0][targets], whole[0][targets], atol=1e-5)
+            assert torch.allclose(parts[1][targets], whole[1][targets], atol=1e-5)
+            assert [c.tolist() for c in parts[2]] == [c.tolist() for c in whole[2]]
 
 
 def grpo_settings(corpus, out, base, **kw):

@@ -40,7 +40,7 @@ from ..rewards import RewardConfig, combined_reward, format_reward
 from ..sampling import SamplingParams
 from ..tasks import Mixture, Problem
 from .loop import Trainer
-from .policy import load_policy
+from .policy import load_policy, sequence_logprobs
 from .recipe import TrainConfig
 
 
@@ -184,8 +184,11 @@ class RolloutSource:
             mask[row, start - 1:start - 1 + n] = 1.0  # targets ids[start .. start + n - 1]
         device = self.policy.device
         ids, mask, real = ids.to(device), mask.to(device), real.to(device)
-        old = self.policy.logprobs(ids, cfg.temperature)[0] if cfg.num_iterations > 1 else None
-        ref = self.policy.logprobs(ids, cfg.temperature, self.reference)[0] if self.reference is not None else None
+        def logprobs(model=None):
+            return sequence_logprobs(self.policy, ids, real, cfg.temperature, cfg.logprob_tokens, model)[0]
+
+        old = logprobs() if cfg.num_iterations > 1 else None
+        ref = logprobs(self.reference) if self.reference is not None else None
         return Rollouts(ids, real, mask, advantages.to(device), old, ref, metrics)
 
 
@@ -204,7 +207,8 @@ def grpo_loss_fn(cfg: TrainConfig, policy):
             logp, _, loads = policy.logprobs(torch.full((1, 2), policy.pad_id, device=policy.device),
                                              cfg.temperature, model)
             return logp.sum() * 0.0, {**batch.metrics, "loss": 0.0}, [torch.zeros_like(c) for c in loads], 0
-        logp, entropy, loads = policy.logprobs(batch.ids, cfg.temperature, model, token_mask=batch.real)
+        logp, entropy, loads = sequence_logprobs(policy, batch.ids, batch.real, cfg.temperature, cfg.logprob_tokens,
+                                                 model)
         entropy = entropy.detach()
         old = batch.old_logp if batch.old_logp is not None else logp.detach()
         loss, stats = grpo_loss(logp, old, batch.ref_logp, batch.advantages, batch.mask, cfg, counts)

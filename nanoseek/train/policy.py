@@ -68,6 +68,34 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) 
     return chosen, entropy
 
 
+def sequence_logprobs(policy, ids: torch.Tensor, real: torch.Tensor, temperature: float, max_tokens: int,
+                      model: torch.nn.Module | None = None):
+    """`policy.logprobs` of right-padded rows ids (N, L) whose real tokens `real` (N, L) marks, run shortest first
+    in micro-batches of at most `max_tokens` padded tokens (a longer row goes alone), each cut to its own longest
+    row: the padding that one long rollout would force on every row is not computed. Returns log-probs and
+    entropies (N, L-1) in the rows' order, zero past each micro-batch's width, and the expert loads summed."""
+    lengths = real.sum(1).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks, current = [], []
+    for i in order:  # lengths ascend, so a chunk's width is its last row's length
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    chunks.append(current)
+    width = ids.shape[1] - 1
+    logps, entropies, loads = [], [], None
+    for rows in chunks:
+        n = max(2, lengths[rows[-1]])
+        index = torch.tensor(rows, device=ids.device)
+        logp, entropy, counts = policy.logprobs(ids[index, :n], temperature, model, token_mask=real[index, :n])
+        logps.append(torch.nn.functional.pad(logp, (0, width - logp.shape[1])))
+        entropies.append(torch.nn.functional.pad(entropy, (0, width - entropy.shape[1])))
+        loads = counts if loads is None else [a + b for a, b in zip(loads, counts)]
+    back = torch.tensor(order, device=ids.device).argsort()  # from length order to the rows' order
+    return torch.cat(logps)[back], torch.cat(entropies)[back], loads
+
+
 class NanoseekPolicy:
     """nanoseek's Transformer with its tokenizer; rollouts from the one Engine."""
 

@@ -74,6 +74,8 @@ class TrainConfig:
     beta: float = 0.0  # k3 KL to the initial policy; 0 keeps no reference model
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
     mask_truncated: bool = True  # completions cut at max_new_tokens add no loss
+    logprob_tokens: int = 1024  # rollouts go through the policy sorted by length, in micro-batches of at most this
+    # many (padded) tokens: less padding, the same loss; raise it on a GPU
     temperature: float = 1.0
     max_new_tokens: int = 128
     format_weight: float = 0.0  # reward = accuracy (TinyZero's 0.1 for a well-formed wrong answer) + format
@@ -87,6 +89,7 @@ class TrainConfig:
                  ("loss_type", self.loss_type in ("grpo", "dr_grpo", "dapo"), "is grpo, dr_grpo or dapo"),
                  ("group_size", self.group_size >= 2, ">= 2 (advantages compare samples of a group)"),
                  ("num_iterations", self.num_iterations >= 1, ">= 1"),
+                 ("logprob_tokens", self.logprob_tokens >= 1, ">= 1"),
                  ("schedule", self.schedule in ("cosine", "wsd"), "is cosine or wsd"),
                  ("device", self.device in ("auto", "cpu", "cuda"), "is auto, cpu or cuda"),
                  ("parallel", self.parallel in ("dp", "fsdp"), "is dp or fsdp"),
