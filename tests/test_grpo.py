@@ -98,7 +98,9 @@ def test_grpo_runs_logs_and_resumes_exactly(corpus, base, tmp_path, monkeypatch)
     summary = run(grpo_settings(corpus, tmp_path / "straight", base))
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4
-    assert {"reward", "accuracy", "format_rate", "response_length", "kl", "clip_fraction", "entropy"} <= set(rows[0])
+    assert {"reward", "accuracy", "format_rate", "response_length", "kl", "clip_fraction", "entropy",
+            "rollout_seconds"} <= set(rows[0])
+    assert 0 < rows[0]["rollout_seconds"] < rows[0]["seconds"]
     assert summary["held_out_before"]["n"] == summary["held_out"]["n"] == 4
     crash_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
@@ -156,7 +158,9 @@ def test_grpo_on_a_transformers_model_runs_saves_and_resumes_exactly(kind, tok, 
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     assert all(r["grad_norm"] > 0 for r in rows)  # the shaped reward gives a gradient
-    assert {"reward", "accuracy", "format_rate", "response_length", "kl", "clip_fraction", "entropy"} <= set(rows[0])
+    assert {"reward", "accuracy", "format_rate", "response_length", "kl", "clip_fraction", "entropy",
+            "rollout_seconds"} <= set(rows[0])
+    assert 0 < rows[0]["rollout_seconds"] < rows[0]["seconds"]
     assert all(r["maxvio"] == [] and r["maxvio_mean"] == 0.0 for r in rows)  # a dense model: no expert loads
     assert summary["held_out_before"]["n"] == summary["held_out"]["n"] == 2
     final = tmp_path / "straight" / "model"

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -116,10 +117,13 @@ class RolloutSource:
         self.batches, self.calls = state["batches"], state["calls"]
 
     def next(self) -> Rollouts:
+        seconds = 0.0  # spent sampling, scoring and packing rollouts for this update (0 when a batch is reused)
         if self.calls % self.cfg.num_iterations == 0 or self.current is None:
+            t0 = time.perf_counter()
             self.current = self.sample()
+            seconds = time.perf_counter() - t0
         self.calls += 1
-        return self.current
+        return replace(self.current, metrics={**self.current.metrics, "rollout_seconds": round(seconds, 4)})
 
     def problems(self, n: int) -> list[Problem]:
         out = []
