@@ -71,10 +71,14 @@ def log_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from a (V,) distribution."""
+    """One token from a (V,) distribution: the CDF inverted at one uniform number (a few times faster than
+    `torch.multinomial` over a vocabulary, which dominated the sampling loop)."""
     if (probs == 1).any():
         return int(probs.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+    cdf = probs.cumsum(-1)
+    u = torch.rand((), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[-1]
+    token = int(torch.searchsorted(cdf, u, right=True))  # the first token whose CDF exceeds u: p(token) > 0
+    return token if token < len(probs) else int(probs.nonzero()[-1])  # u * total rounded up to the total
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int,

@@ -5,7 +5,7 @@ import torch
 
 from nanoseek import Transformer
 from nanoseek.engine import Engine, IdsOnly
-from nanoseek.sampling import SamplingError, SamplingParams, probabilities, speculative_accept
+from nanoseek.sampling import SamplingError, SamplingParams, draw, probabilities, speculative_accept
 
 from .conftest import tiny_config
 
@@ -174,6 +174,14 @@ def test_speculative_sampling_keeps_the_target_distribution():
     logits = torch.tensor([0.1, 2.0, 0.3])
     assert speculative_accept(probabilities(logits, greedy), probabilities(torch.tensor([3.0, 0, 0]), greedy), 0,
                               None) == (False, 1)
+
+
+def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    counts = torch.bincount(torch.tensor([draw(p, g) for _ in range(20000)]), minlength=6)
+    assert torch.allclose(counts / 20000, p, atol=0.015) and counts[p == 0].sum() == 0
+    assert draw(torch.tensor([0.0, 1.0, 0.0]), g) == 1
 
 
 def test_top_k_and_top_p_cut_the_distribution():

@@ -34,7 +34,7 @@ from ..cost import flops_per_token
 from ..engine import Completion, Engine
 from ..errors import TrainError
 from ..model import Transformer
-from ..sampling import SamplingParams, probabilities
+from ..sampling import SamplingParams, draw, probabilities
 from ..tasks import Problem
 from ..tokenizer import Tokenizer
 
@@ -142,10 +142,9 @@ class NanoseekPolicy:
 
 
 class RowSampler:
-    """A `transformers` logits processor that draws each row's next token itself, from
-    `sampling.probabilities` (temperature, top-k, top-p; the argmax when greedy) with the row's own generator, and
-    leaves only that token possible, so `generate` in greedy mode emits it. Gumbel-max via exponential races:
-    argmax_v p_v / E_v with E_v ~ Exp(1) is a draw from p."""
+    """A `transformers` logits processor that draws each row's next token itself, as the Engine does
+    (`sampling.probabilities`: temperature, top-k, top-p, the argmax when greedy; `sampling.draw` with the row's own
+    generator), and leaves only that token possible, so `generate` in greedy mode emits it."""
 
     def __init__(self, params: list[SamplingParams], device: torch.device):
         self.params = params
@@ -158,11 +157,9 @@ class RowSampler:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         chosen = []
         for row, (p, g) in enumerate(zip(self.params, self.generators)):
-            probs = probabilities(scores[row], p)
-            race = torch.empty_like(probs).exponential_(generator=g)
-            chosen.append((probs / race).argmax())
+            chosen.append(draw(probabilities(scores[row], p), g))
         out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, torch.stack(chosen)[:, None], 0.0)
+        out.scatter_(1, torch.tensor(chosen, device=scores.device)[:, None], 0.0)
         return out
 
 
