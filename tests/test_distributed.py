@@ -219,7 +219,9 @@ def test_grpo_on_two_processes_equals_one(two_ranks, corpus, base, tmp_path, mon
             assert mine[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-5), key
     want = Transformer.from_pretrained(tmp_path / "model").state_dict()
     for name, t in Transformer.from_pretrained(two / "model").state_dict().items():
-        torch.testing.assert_close(t, want[name], atol=1e-5, rtol=0, msg=name)
+        # each rank pads its own rows: float noise of ~1e-7 in a gradient, which Adam turns into up to a few % of
+        # one lr (1e-3) step where an expert saw few tokens; a wrong split or normalisation moves whole steps
+        torch.testing.assert_close(t, want[name], atol=5e-5, rtol=0, msg=name)
 
 
 def test_saved_by_two_processes_resumed_by_one(corpus, tmp_path):
