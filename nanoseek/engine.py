@@ -194,7 +194,9 @@ class Engine:
         rows = list(self.active)
         for seq, h in zip(rows, out.hidden[:, -1]):
             seq.pos += 1
-            seq.hidden, seq.prev = torch.stack([seq.hidden[-1], h]), seq.pending
+            seq.prev = seq.pending
+            if self.speculative:  # the MTP draft reads the last two hidden states
+                seq.hidden = torch.stack([seq.hidden[-1], h])
         return self._accept_rows(rows, out.logits[:, -1])
 
     def _main_cache(self) -> list[LatentCache]:
@@ -223,42 +225,48 @@ class Engine:
         draft_logits = self._mtp(h, pending, mtp_cache, pos - 2)[:, -1].float().cpu()
         if not all(s.pos + 1 < self.max_len and len(s.c.token_ids) + 1 < s.params.max_new_tokens for s in rows):
             return self._decode()  # a row has room for one more token only
-        drafts = [draw(probabilities(q, s.params), s.generator) for q, s in zip(draft_logits, rows)]
+        q, _ = self._distributions(rows, draft_logits)
+        drafts = [draw(q[i], s.generator) for i, s in enumerate(rows)]
         tokens = torch.tensor([[s.pending, d] for s, d in zip(rows, drafts)], device=self.device)
         out = self.model(tokens, cache=self._main_cache(), start_pos=pos)
-        logits = out.logits.float().cpu()
+        (p, logp), (p_next, logp_next) = (self._distributions(rows, out.logits[:, t]) for t in (0, 1))
         events = []
         for i, seq in enumerate(rows):
-            p = probabilities(logits[i, 0], seq.params)
-            kept, token = speculative_accept(p, probabilities(draft_logits[i], seq.params), drafts[i],
-                                             seq.generator)
+            kept, token = speculative_accept(p[i], q[i], drafts[i], seq.generator)
             self.drafted += 1
             seq.pos += 1
             seq.hidden, seq.prev = torch.stack([seq.hidden[-1], out.hidden[i, 0]]), seq.pending
-            events += self._record(seq, token, float(log_probs(logits[i, 0], seq.params)[token]))
+            events += self._record(seq, token, float(logp[i, token]))
             if kept and seq.c.finish_reason is None:
                 self.accepted += 1
                 seq.pos += 1
                 seq.hidden, seq.prev = out.hidden[i, :2], token
-                events += self._accept_rows([seq], logits[i, 1:2])
+                after = draw(p_next[i], seq.generator)
+                events += self._record(seq, after, float(logp_next[i, after]))
         return events
 
     # ---- tokens in, events out -----------------------------------------------------------------------------------
-    def _accept_rows(self, rows: list[_Sequence], logits: torch.Tensor) -> list[Event]:
-        """Draw each row's next token from its logits (n, V), each with its own generator; the distributions of rows
-        with the same settings are computed together."""
+    def _distributions(self, rows: list[_Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (n, V) -> each row's sampling distribution and reported log-probs (n, V) under its own settings
+        (sampling.probabilities, sampling.log_probs); rows with the same settings are computed together."""
         logits = logits.float().cpu()
+        probs, logp = torch.empty_like(logits), torch.empty_like(logits)
         by_settings: dict[tuple, list[int]] = {}
         for i, seq in enumerate(rows):
             by_settings.setdefault((seq.params.temperature, seq.params.top_k, seq.params.top_p), []).append(i)
-        drawn: dict[int, tuple[int, float]] = {}
         for members in by_settings.values():
             params = rows[members[0]].params
-            probs, logp = probabilities(logits[members], params), log_probs(logits[members], params)
-            for k, i in enumerate(members):
-                token = draw(probs[k], rows[i].generator)
-                drawn[i] = token, float(logp[k, token])
-        return [e for i, seq in enumerate(rows) for e in self._record(seq, *drawn[i])]
+            probs[members], logp[members] = probabilities(logits[members], params), log_probs(logits[members], params)
+        return probs, logp
+
+    def _accept_rows(self, rows: list[_Sequence], logits: torch.Tensor) -> list[Event]:
+        """Draw each row's next token from its logits (n, V) with the row's own generator."""
+        probs, logp = self._distributions(rows, logits)
+        events = []
+        for i, seq in enumerate(rows):
+            token = draw(probs[i], seq.generator)
+            events += self._record(seq, token, float(logp[i, token]))
+        return events
 
     def _record(self, seq: _Sequence, token: int, logprob: float) -> list[Event]:
         """Append a token (and its log-prob, see sampling.log_probs) and check the stop conditions."""
