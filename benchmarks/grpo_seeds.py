@@ -1,14 +1,17 @@
-"""GRPO's effect over several seeds: held-out pass@1 before and after, mean and spread.
+"""GRPO's effect over several seeds (and along the steps): held-out pass@1 before and after, mean and spread.
 
 Takes a finished pipeline run (`nanoseek demo` writes one under runs/demo) and repeats its GRPO stage from the same
 pretrained model with other seeds (the seed draws the prompts and the samples), each scored on the run's held-out
 problems exactly as the pipeline scores its stages (same samples per problem, temperature, token limit):
 
     .venv/bin/python benchmarks/grpo_seeds.py runs/demo --seeds 3
+    .venv/bin/python benchmarks/grpo_seeds.py runs/demo --seeds 3 --steps 300 --every 100   # the gain along steps
 
 It prints pass@1 per seed and the gain's mean and standard deviation, overall and on the problems one level harder
-than anything trained on, and writes RUN_DIR/evals/grpo-seeds.json (the report shows it). Seed runs live in
-RUN_DIR/grpo-seeds/seed-N and are reused when present, so an interrupted measurement continues.
+than anything trained on, at every `--every` steps up to `--steps` (default: the stage's own), and writes
+RUN_DIR/evals/grpo-seeds.json (with other `--steps`: grpo-seeds-STEPS.json; the report shows both). Seed runs live
+in RUN_DIR/grpo-seeds/seed-N (grpo-seeds/steps-STEPS/seed-N) and are reused when present, so an interrupted
+measurement continues.
 """
 
 from __future__ import annotations
@@ -29,11 +32,17 @@ from nanoseek.train import grpo
 KEYS = ("pass@1", "pass@1_trained", "pass@1_harder")
 
 
+def spread(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a finished pipeline run (with pipeline.json, pretrain/, data/)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--stage", default="grpo", help="the GRPO stage of the pipeline to repeat")
+    ap.add_argument("--steps", type=int, help="GRPO steps per seed (default: the stage's max_steps)")
+    ap.add_argument("--every", type=int, help="also score the checkpoints every this many steps")
     args = ap.parse_args()
     state_path = args.run_dir / STATE
     if not state_path.exists():
@@ -43,37 +52,50 @@ def main() -> int:
     if args.stage not in names or cfg.stages[names.index(args.stage)]["stage"] != "grpo":
         sys.exit(f"error: --stage {args.stage!r} is not a GRPO stage of {state_path} ({', '.join(names)})")
     entry = cfg.stages[names.index(args.stage)]
+    stage_steps = cfg.stage_config(entry, args.run_dir, names[:names.index(args.stage)]).max_steps
+    steps = args.steps or stage_steps
+    if steps < 1 or (args.every is not None and not 1 <= args.every <= steps):
+        sys.exit(f"error: --steps {steps} / --every {args.every}: need 1 <= every <= steps")
+    marks = sorted({*range(args.every, steps + 1, args.every), steps} if args.every else {steps})
+    own = steps == stage_steps
+    runs = args.run_dir / "grpo-seeds" if own else args.run_dir / "grpo-seeds" / f"steps-{steps}"
     problems = read_jsonl(args.run_dir / "data" / "eval.jsonl")
     torch.manual_seed(0)
     base_eval = args.run_dir / "evals" / f"{entry['init']}.json"  # the pipeline's own score of the start model
     start = args.run_dir / entry["init"] / "model" if entry["init"] in names else Path(entry["init"])
     before = json.loads(base_eval.read_text()) if base_eval.exists() else score(cfg, start, problems)
     print(f"{entry['init']}: " + ", ".join(f"{k} {before[k]:.1%}" for k in KEYS))
-    rows = []
+    rows: dict[int, list[dict]] = {m: [] for m in marks}  # steps -> one score per seed
     for seed in range(args.seeds):
         train = cfg.stage_config(entry, args.run_dir, names[:names.index(args.stage)])
-        out = args.run_dir / "grpo-seeds" / f"seed-{seed}"
-        train = replace(train, seed=seed, out=str(out), resume=(out / "checkpoints").is_dir())
+        out = runs / f"seed-{seed}"
+        train = replace(train, seed=seed, out=str(out), resume=(out / "checkpoints").is_dir(), max_steps=steps,
+                        save_every=args.every or train.save_every, keep_last=max(train.keep_last, len(marks)))
         if not (out / "model" / "config.json").exists():
             grpo.run(train)
-        after = score(cfg, out / "model", problems)
-        rows.append({k: after[k] for k in KEYS})
-        print(f"seed {seed}: " + ", ".join(f"{k} {after[k]:.1%} ({after[k] - before[k]:+.1%})" for k in KEYS))
+        for m in marks:
+            model = out / "model" if m == steps else out / "checkpoints" / f"step_{m:06d}" / "model"
+            after = score(cfg, model, problems)
+            rows[m].append({k: after[k] for k in KEYS})
+            print(f"seed {seed}, {m} steps: " + ", ".join(f"{k} {after[k]:.1%} ({after[k] - before[k]:+.1%})"
+                                                        for k in KEYS))
 
-    gains = {}
-    for k in KEYS:
-        diffs = [r[k] - before[k] for r in rows]
-        gains[k] = (statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
-    print(f"\nGRPO gain over {len(rows)} seeds (mean ± std): " + ", ".join(
-        f"{k} {m:+.1%} ± {sd:.1%}" for k, (m, sd) in gains.items())
-        + f"; goal +20 points pass@1: {'met' if gains['pass@1'][0] >= 0.2 else 'not met'}")
-    after = [r["pass@1"] for r in rows]
-    write_json(args.run_dir / "evals" / "grpo-seeds.json", {
-        "label": "grpo-seeds", "model": str(args.run_dir / "grpo-seeds"), "problems": "data/eval.jsonl (held-out)",
+    print(f"\nGRPO gain over {args.seeds} seeds (mean ± std):")
+    curve = {}
+    for m in marks:
+        gains = {k: spread([r[k] - before[k] for r in rows[m]]) for k in KEYS}
+        curve[m] = gains
+        print(f"  {m:>5} steps: " + ", ".join(f"{k} {g:+.1%} ± {sd:.1%}" for k, (g, sd) in gains.items()))
+    print(f"goal +20 points pass@1: {'met' if max(g['pass@1'][0] for g in curve.values()) >= 0.2 else 'not met'}")
+    after = [r["pass@1"] for r in rows[steps]]
+    label = "grpo-seeds" if own else f"grpo-seeds-{steps}"
+    write_json(args.run_dir / "evals" / f"{label}.json", {
+        "label": label, "model": str(runs), "problems": "data/eval.jsonl (held-out)", "steps": steps,
         "pass@1": statistics.mean(after), "seeds": after, "pass@1_mean": statistics.mean(after),
-        "pass@1_std": statistics.stdev(after) if len(after) > 1 else 0.0,
-        "before": {"label": entry["init"], **{k: before[k] for k in KEYS}},
-        "after": rows, "gain": {k: {"mean": m, "std": sd} for k, (m, sd) in gains.items()},
+        "pass@1_std": spread(after)[1], "before": {"label": entry["init"], **{k: before[k] for k in KEYS}},
+        "after": rows[steps], "gain": {k: {"mean": m, "std": sd} for k, (m, sd) in curve[steps].items()},
+        "by_steps": {str(m): {"after": rows[m], "gain": {k: {"mean": g, "std": sd} for k, (g, sd) in c.items()}}
+                     for m, c in curve.items()},
         "samples": cfg.eval_samples, "sampling": {"temperature": cfg.eval_temperature, "top_p": cfg.eval_top_p}})
     return 0
 
