@@ -188,6 +188,7 @@ class RolloutSource:
             mask[row, start - 1:start - 1 + n] = 1.0  # targets ids[start .. start + n - 1]
         device = self.policy.device
         ids, mask, real = ids.to(device), mask.to(device), real.to(device)
+
         def logprobs(model=None):
             return sequence_logprobs(self.policy, ids, real, cfg.temperature, cfg.logprob_tokens, model)[0]
 
