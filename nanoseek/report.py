@@ -401,6 +401,7 @@ def section_evals(run: Run, plots: Path) -> list[str]:
                      f"{_pct(start[1])} → {_pct(_pass1_value(after))} ({delta * 100:+.1f} points)")
     if len(run.evals) > 1:
         lines.append("")
+    lines += _gain_by_steps(run, plots)
 
     families = sorted({f for e in run.evals for f in (e.report.get("by_family") or {})})
     groups = ["all", *families]
@@ -436,6 +437,42 @@ def section_evals(run: Run, plots: Path) -> list[str]:
         lines += ["pass@1 per task family and difficulty:", ""]
         lines += _table(["task", "n", *[f"`{e.label}`" for e in run.evals]], rows) + [""]
     return lines
+
+
+def _gain_by_steps(run: Run, plots: Path) -> list[str]:
+    """Seed studies scored along their steps (benchmarks/grpo_seeds.py --every): the gain's mean ± std per step
+    count, as a table and a plot."""
+    studies = []
+    for e in run.evals:
+        by_steps = e.report.get("by_steps")
+        if isinstance(by_steps, dict) and len(by_steps) > 1:
+            points = sorted((int(k), v["gain"]) for k, v in by_steps.items()
+                            if k.isdigit() and isinstance(v, dict) and isinstance(v.get("gain"), dict))
+            if points:
+                studies.append((e.label, len(e.report.get("seeds") or []), points))
+    if not studies:
+        return []
+    keys = ("pass@1", "pass@1_trained", "pass@1_harder")
+    lines = ["Held-out gain over the starting model along the steps (mean ± std over seeds, points):", ""]
+    rows = [[f"`{label}`", seeds, steps, *[f"{g[k]['mean'] * 100:+.1f} ± {g[k]['std'] * 100:.1f}"
+                                             if isinstance(g.get(k), dict) else "—" for k in keys]]
+            for label, seeds, points in studies for steps, g in points]
+    lines += _table(["study", "seeds", "steps", *keys], rows) + [""]
+    fig = _figure(1, 1, width=7.0, height=3.5)
+    ax = fig.add_subplot()
+    for label, _, points in studies:
+        for k in keys:
+            got = [(steps, g[k]["mean"] * 100, g[k]["std"] * 100) for steps, g in points if isinstance(g.get(k), dict)]
+            if got:
+                x, y, err = zip(*got)
+                ax.errorbar(x, y, yerr=err, capsize=3, marker="o", label=f"{label}: {k}")
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set_xlabel("GRPO steps")
+    ax.set_ylabel("gain in pass@1, points")
+    ax.set_title("GRPO's held-out gain along the steps (mean ± std over seeds)")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return lines + [f"![gain along the steps]({_save(fig, plots, 'gain_by_steps')})", ""]
 
 
 def section_loss(run: Run, plots: Path) -> list[str]:

@@ -108,6 +108,19 @@ def test_each_stage_is_compared_with_the_model_it_started_from(run):
     assert "`distill` → `seeds`" not in md
 
 
+def test_a_seed_study_along_the_steps_gets_a_table_and_a_plot(run):
+    def gain(mean, std):
+        return {k: {"mean": mean, "std": std} for k in ("pass@1", "pass@1_trained", "pass@1_harder")}
+
+    (run / "evals" / "curve.json").write_text(json.dumps({
+        "label": "curve", "pass@1": 0.2, "seeds": [0.19, 0.21], "pass@1_mean": 0.2, "pass@1_std": 0.014,
+        "before": {"label": "pretrain", "pass@1": 0.125},
+        "by_steps": {"100": {"gain": gain(0.01, 0.02)}, "200": {"gain": gain(0.075, 0.014)}}}))
+    md = write_report(run).read_text()
+    assert "| `curve` | 2 | 100 | +1.0 ± 2.0 |" in md and "| `curve` | 2 | 200 | +7.5 ± 1.4 |" in md
+    assert "(plots/gain_by_steps.png)" in md and (run / "plots" / "gain_by_steps.png").read_bytes().startswith(PNG)
+
+
 def test_partial_run_says_what_is_missing(tmp_path):
     write_stage(tmp_path / "pretrain", pretrain_rows(5), truncated=True)  # killed mid-write, no evals
     (tmp_path / "pipeline.json").write_text(json.dumps({"stages": [{"name": "pretrain", "dir": "pretrain"}, {"name": "grpo", "dir": "grpo"}]}))
