@@ -1,3 +1,8 @@
+import ctypes
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -93,6 +98,33 @@ def test_backward_reaches_every_trainable_parameter():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert not any(b.requires_grad for b in model.buffers())
+
+
+GRADIENT_HASH = """
+import hashlib, torch
+from nanoseek import ModelConfig, Transformer
+torch.set_num_threads(2)
+torch.manual_seed(0)
+model = Transformer(ModelConfig.from_preset("small", vocab_size=512))
+model(torch.randint(0, 512, (8, 128))).logits.square().mean().backward()
+print(hashlib.sha256(b"".join(p.grad.numpy().tobytes() for p in model.parameters() if p.grad is not None)).hexdigest())
+"""
+
+
+def _fixed_addresses() -> None:
+    """Run the child without address-space randomisation (as `setarch -R`): where a buffer lands decides which
+    kernel variant some CPU matmuls take, so about one process in ten computes other last bits without it."""
+    ctypes.CDLL(None, use_errno=True).personality(0x0040000)  # ADDR_NO_RANDOMIZE
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fixing the address layout needs Linux")
+def test_two_threads_give_the_same_gradients_in_every_run():
+    """Each run is a fresh process with two threads; the MoE's token gather must have a backward that sums in a
+    fixed order (plain indexing's lets two threads add into one row in either order, so every run differed)."""
+    runs = [subprocess.run([sys.executable, "-c", GRADIENT_HASH], capture_output=True, text=True, check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "2"}, preexec_fn=_fixed_addresses).stdout
+            for _ in range(3)]
+    assert len(set(runs)) == 1 and len(runs[0].strip()) == 64
 
 
 def test_gate_selects_with_bias_but_weighs_without_it():

@@ -97,7 +97,9 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
         token = order // indices.shape[1]  # which token each sorted slot belongs to
-        xs = x[token]  # (N*K, D), grouped by expert
+        # (N*K, D), grouped by expert. index_select, not x[token]: its backward (index_add_) sums in a fixed order,
+        # while indexing's (index_put_ with accumulate) lets CPU threads add in any order, so runs would differ
+        xs = x.index_select(0, token)
         ys = self.mlp(xs, counts) if self.ep_group is None else self.dispatch_combine(xs, counts)
         ys = ys * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys), counts
@@ -118,7 +120,7 @@ class Experts(nn.Module):
         received = AllToAll.apply(xs, recv_rows, send_rows, group)  # grouped by source rank, then by expert
         local = torch.arange(send.shape[1], device=xs.device).repeat(size).repeat_interleave(recv.flatten())
         by_expert = local.argsort(stable=True)
-        ys = self.mlp(received[by_expert], recv.sum(0))[by_expert.argsort()]
+        ys = self.mlp(received.index_select(0, by_expert), recv.sum(0)).index_select(0, by_expert.argsort())
         return AllToAll.apply(ys, send_rows, recv_rows, group)
 
 
