@@ -60,7 +60,7 @@ def cmd_pipeline(args) -> None:
     """The end-to-end demo (`nanoseek demo`) and other multi-stage recipes (`nanoseek pipeline --recipe r1`)."""
     import shutil
 
-    from .pipeline import STATE, Pipeline, PipelineConfig
+    from .pipeline import STATE, Pipeline, PipelineConfig, summary
     recipe = args.recipe or ("demo-gpu" if args.device == "cuda" else "demo")
     out = Path(args.out or f"runs/{Path(recipe).stem}")
     cfg = PipelineConfig.load(recipe, device=args.device, seed=args.seed)
@@ -68,11 +68,8 @@ def cmd_pipeline(args) -> None:
         shutil.rmtree(out)
     print(f"nanoseek {args.command}: {recipe} -> {out}" + (f"\n  {cfg.description.strip()}" if cfg.description else ""))
     result = Pipeline(cfg, out).run()
-    print(f"\nfinished in {result['seconds'] / 60:.1f} min. Held-out pass@1 (mean of {cfg.eval_samples} samples at "
-          f"temperature {cfg.eval_temperature}, top-p {cfg.eval_top_p}; at the trained levels / one level harder):")
-    for name, e in result["evals"].items():
-        levels = " / ".join("-" if e.get(k) is None else f"{e[k]:.1%}" for k in ("pass@1_trained", "pass@1_harder"))
-        print(f"  {name:<16} {e['pass@1']:6.1%}   ({levels})")
+    print(f"\nfinished in {result['seconds'] / 60:.1f} min.")
+    print("\n".join(summary(out)))
     print(f"  model:  {result['model']}\n  report: {result['report']}")
     print(f"  chat:   nanoseek chat --model {result['model']}")
     print(f"  serve:  nanoseek serve --model {result['model']}   (OpenAI-compatible API at http://127.0.0.1:8000/v1)")
@@ -107,7 +104,7 @@ def cmd_tasks_sample(args) -> None:
 
 
 def cmd_data_build(args) -> None:
-    from .data import build_corpus, held_out_path, write_jsonl
+    from .data import build_corpus, cut_steps, held_out_path, write_jsonl
     from .errors import TaskError
     from .tasks import Mixture
     mixture = Mixture.from_recipe(args.recipe)
@@ -118,6 +115,7 @@ def cmd_data_build(args) -> None:
     else:
         raise TaskError(f"--held-out-fraction must be in [0, 1], got {args.held_out_fraction}")
     corpus = build_corpus(mixture, args.n, held_out, seed=args.seed)
+    corpus.train = cut_steps(corpus.train, args.worked_fraction, seed=args.seed)
     train_path, held_path = write_jsonl(args.out, corpus.train), write_jsonl(held_out_path(args.out), corpus.held_out)
     print(f"nanoseek data build: {mixture.source}, seed {args.seed}")
     for name, counts in sorted(corpus.per_family.items()):
@@ -416,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     split = build.add_mutually_exclusive_group()
     split.add_argument("--held-out-fraction", type=float, default=0.05)
     split.add_argument("--held-out-n", type=int, help="an exact number of held-out problems")
+    build.add_argument("--worked-fraction", type=float, default=1.0,
+                       help="the share of training problems that keep their worked steps; the rest give the answer only")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=cmd_data_build)
 

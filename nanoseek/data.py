@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .errors import TaskError
 from .tasks import Mixture, Problem
+from .tasks.base import answer_only
 
 MAX_DRAWS_PER_PROBLEM = 20  # a mixture with fewer distinct problems than asked for stops after this many draws each
 
@@ -58,6 +59,17 @@ def build_corpus(mixture: Mixture, n: int, held_out: int, seed: int = 0, progres
     return corpus
 
 
+def cut_steps(problems: list[Problem], worked_fraction: float, seed: int = 0) -> list[Problem]:
+    """The problems with all but a `worked_fraction` share of them (drawn with `seed`) reduced to the final answer,
+    as in much real pretraining text: answers without the working that led to them. A model trained on such a
+    corpus sometimes writes its steps and sometimes guesses; reinforcement learning can find out which pays."""
+    if not 0 <= worked_fraction <= 1:
+        raise TaskError(f"worked_fraction must be in [0, 1], got {worked_fraction}")
+    rng = random.Random(seed)
+    return [p if not p.has_solution or rng.random() < worked_fraction else
+            Problem(p.prompt, p.answer, answer_only(p.answer), p.meta) for p in problems]
+
+
 def write_jsonl(path: str | Path, problems: list[Problem]) -> Path:
     """Write one JSON record per problem atomically (a temporary sibling, then os.replace)."""
     path = Path(path)
@@ -72,6 +84,14 @@ def write_jsonl(path: str | Path, problems: list[Problem]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write `data` as indented JSON atomically (a temporary sibling, then os.replace)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def read_jsonl(path: str | Path) -> list[Problem]:

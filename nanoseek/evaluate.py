@@ -3,13 +3,17 @@
 Per problem, with n samples of which c score full credit:
 
     pass@1   c / n
-    pass@k   the unbiased estimator of Chen et al. 2021, 1 - C(n - c, k) / C(n, k), with k = n here
+    pass@k   the unbiased estimator of Chen et al. 2021, 1 - C(n - c, k) / C(n, k), for k = 2, 4, 8, ... up to n:
+             how far sampling reaches, the headroom reinforcement learning can turn into pass@1
     maj@k    1 if the most frequent (normalised) <answer> among the samples scores full credit
     accuracy the mean verifier score (partial credit counted)
     format   the share of samples in the `<think> ... </think> <answer> ... </answer>` format (R1's format reward)
+    thinking the share of samples whose `<think>` block holds worked steps (not empty)
 
 and the mean completion length in tokens; each metric is then averaged over the problems of a task family, of a
-`family/difficulty` pair, and of the whole set.
+`family/difficulty` pair, and of the whole set. `pass@1_se` is the standard error of pass@1 over the problems
+(the spread of per-problem pass@1 / sqrt(problems)), and the report keeps every problem's pass@1 (`per_problem`,
+in order) so two evaluations on the same problems can be compared pairwise (`paired_gain`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from tqdm import tqdm
 from .data import build_corpus, read_jsonl
 from .engine import Completion, Engine
 from .errors import DataError, TaskError
-from .rewards import format_reward
+from .rewards import format_reward, thinks
 from .sampling import SamplingParams
 from .tasks import Mixture, MixtureEntry, Problem, extract_answer, get_family, resolve_recipe
 from .tokenizer import Tokenizer
@@ -98,19 +102,43 @@ def load_problems(path: str | Path) -> list[Problem]:
     return problems
 
 
+def ks(n: int) -> list[int]:
+    """The k of the pass@k curve for n samples: 1, 2, 4, ... and n itself."""
+    return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
+
+
 def problem_metrics(problem: Problem, texts: list[str], lengths: list[int]) -> dict[str, float]:
-    """The metrics above for one problem's k completions (texts) and their lengths in tokens."""
-    k = len(texts)
+    """The metrics above for one problem's n completions (texts) and their lengths in tokens."""
+    n = len(texts)
     judged = [get_family(problem.family).judge(problem, t) for t in texts]
     correct = sum(score == 1.0 for score, _ in judged)
     vote = majority_index([extract_answer(t) for t in texts])
-    return {"accuracy": sum(score for score, _ in judged) / k,
-            "pass@1": pass_at_k(k, correct, 1),
-            f"pass@{k}": pass_at_k(k, correct, k),
-            f"maj@{k}": float(vote is not None and judged[vote][0] == 1.0),
-            "format_rate": sum(format_reward(t).value for t in texts) / k,
-            "answer_rate": sum(reason != "no-answer" for _, reason in judged) / k,
-            "mean_tokens": sum(lengths) / k}
+    return {"accuracy": sum(score for score, _ in judged) / n,
+            **{f"pass@{k}": pass_at_k(n, correct, k) for k in ks(n)},
+            f"maj@{n}": float(vote is not None and judged[vote][0] == 1.0),
+            "format_rate": sum(format_reward(t).value for t in texts) / n,
+            "thinking_rate": sum(map(thinks, texts)) / n,
+            "answer_rate": sum(reason != "no-answer" for _, reason in judged) / n,
+            "mean_tokens": sum(lengths) / n}
+
+
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of `values` (0 for fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def paired_gain(after: dict, before: dict) -> tuple[float, float] | None:
+    """pass@1 of `after` minus `before` and its paired standard error, from their `per_problem` scores on the same
+    problems (None when either lacks them or they differ in number)."""
+    a, b = after.get("per_problem"), before.get("per_problem")
+    if not (isinstance(a, list) and isinstance(b, list) and a and len(a) == len(b)):
+        return None
+    diffs = [x - y for x, y in zip(a, b)]
+    return sum(diffs) / len(diffs), standard_error(diffs)
 
 
 def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, params: SamplingParams | None = None,
@@ -127,6 +155,7 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, p
         by_task[f"{p.family}/{p.difficulty}"].append(metrics)
 
     report = {**_mean(per_problem), "samples": samples, "seed": seed, "sampling": asdict(params),
+              "per_problem": [round(m["pass@1"], 4) for m in per_problem],
               "by_family": {k: _mean(v) for k, v in sorted(by_family.items())},
               "by_task": {k: _mean(v) for k, v in sorted(by_task.items())},
               "examples": [{"prompt": problems[i].prompt, "completion": groups[i][0].text,
@@ -168,19 +197,21 @@ def greedy_accuracy(model, tok: Tokenizer, problems: list[Problem], max_new_toke
 
 
 def _mean(rows: list[dict]) -> dict:
-    return {"n": len(rows), **{key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}}
+    return {"n": len(rows), **{key: sum(r[key] for r in rows) / len(rows) for key in rows[0]},
+            "pass@1_se": standard_error([r["pass@1"] for r in rows])}
 
 
 def format_table(report: dict) -> str:
     """The report as a text table: one row per family/difficulty, then the whole set."""
-    k = report["samples"]
-    voted = [f"pass@{k}", f"maj@{k}"] if k > 1 else []
-    columns = ["n", "pass@1", *voted, "accuracy", "format_rate", "mean_tokens"]
+    n = report["samples"]
+    voted = [*(f"pass@{k}" for k in ks(n)[1:]), f"maj@{n}"] if n > 1 else []
+    columns = {"n": "n", "pass@1": "pass@1", "pass@1_se": "± se", **{c: c for c in voted},
+               "thinking_rate": "thinking", "format_rate": "format", "mean_tokens": "tokens"}
     rows = [*report["by_task"].items(), ("all", report)]
     width = max(len(name) for name, _ in rows)
-    lines = [f"{'task':<{width}}" + "".join(f"{c:>12}" for c in columns)]
+    lines = [f"{'task':<{width}}" + "".join(f"{label:>9}" for label in columns.values())]
     for name, r in rows:
-        cells = [f"{r[c]:>12,}" if c == "n" else f"{r[c]:>12.1f}" if c == "mean_tokens" else f"{r[c]:>12.1%}"
-                 for c in columns]
+        cells = [f"{'-':>9}" if r.get(c) is None else f"{r[c]:>9,}" if c == "n" else
+                 f"{r[c]:>9.1f}" if c == "mean_tokens" else f"{r[c]:>9.1%}" for c in columns]
         lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)

@@ -7,13 +7,16 @@ once, runs the stages in order, evaluates each stage's model on the same held-ou
 writes the report:
 
     RUN_DIR/pipeline.json          settings and finished stages (a rerun skips them)
-    RUN_DIR/data/corpus.jsonl      training problems (worked solutions)
+    RUN_DIR/data/corpus.jsonl      training problems (worked solutions; `worked_fraction` < 1 cuts the rest to answers)
     RUN_DIR/data/eval.jsonl        held-out problems: never trained on, at the trained levels and one level harder
     RUN_DIR/tokenizer/
     RUN_DIR/<stage>/               the stage's run: metrics.jsonl, checkpoints/, model/
     RUN_DIR/evals/<stage>.json     pass@1 (and pass@k, maj@k, format) of the stage's model on data/eval.jsonl
     RUN_DIR/model/                 the exported model (Hugging Face directory with its tokenizer)
     RUN_DIR/report.md, plots/
+
+A stage with `match: NAME` is a control: it trains for as many seconds as stage NAME's steps took (distillation's
+include the teacher's sampling), so two ways of spending the same time can be compared from the same start.
 
 Interrupted runs resume: finished stages are skipped and a stage with checkpoints continues from the last one.
 """
@@ -29,9 +32,10 @@ from pathlib import Path
 
 import yaml
 
-from .data import build_corpus, read_jsonl, write_jsonl
+from .data import build_corpus, cut_steps, read_jsonl, write_json, write_jsonl
 from .errors import TrainError
 from .tasks import Mixture, get_family, resolve_recipe
+from .tasks.base import answer_only
 from .train.recipe import load_config
 
 STATE = "pipeline.json"
@@ -43,7 +47,8 @@ class PipelineConfig:
     tasks: str  # the task recipe every stage draws problems from
     stages: list  # [{name, stage, recipe?, TrainConfig keys...}, ...]
     description: str = ""
-    tasks_n: int = 20000  # training problems with worked solutions (pretraining / SFT corpus)
+    tasks_n: int = 20000  # training problems with worked solutions (pretraining / SFT corpus) ...
+    worked_fraction: float = 1.0  # ... of which this share keeps its steps; the others show the answer alone
     eval_n: int = 128  # held-out problems at the trained levels ...
     eval_harder_n: int = 64  # ... and one level above the hardest trained level of each family
     eval_samples: int = 4  # completions per problem: pass@1 is their mean (R1's definition) ...
@@ -84,6 +89,8 @@ class PipelineConfig:
                          ("eval_max_new_tokens", 1)):
             if getattr(self, key) < low:
                 raise TrainError(f"{source}: '{key}' = {getattr(self, key)}: must be >= {low}")
+        if not 0 <= self.worked_fraction <= 1:
+            raise TrainError(f"{source}: 'worked_fraction' = {self.worked_fraction}: must be in [0, 1]")
         names = []
         for i, entry in enumerate(self.stages):
             where = f"{source}: stages[{i}]"
@@ -93,6 +100,8 @@ class PipelineConfig:
                 raise TrainError(f"{where} ({entry['name']}): 'stage' must be one of {', '.join(MODEL_STAGES)}")
             if entry["name"] in names or entry["name"] in ("data", "tokenizer", "evals", "model", "plots"):
                 raise TrainError(f"{where}: the name {entry['name']!r} is taken")
+            if "match" in entry and entry["match"] not in names:
+                raise TrainError(f"{where} ({entry['name']}): match: {entry['match']!r} is not an earlier stage")
             names.append(entry["name"])
             # unknown keys and bad values fail here, before anything runs
             self.stage_config(entry, Path("RUN_DIR"), names[:-1])
@@ -101,7 +110,7 @@ class PipelineConfig:
 
     def stage_config(self, entry: dict, run_dir: Path, earlier: list[str]):
         """The TrainConfig of one stage: its recipe, its keys, then what the pipeline fixes (paths, data)."""
-        keys = {k: v for k, v in entry.items() if k not in ("name", "recipe")}
+        keys = {k: v for k, v in entry.items() if k not in ("name", "recipe", "match")}
         for ref in ("init", "teacher"):
             if isinstance(keys.get(ref), str) and keys[ref] in earlier:
                 keys[ref] = str(run_dir / keys[ref] / "model")
@@ -122,16 +131,34 @@ def harder(mixture: Mixture) -> Mixture:
     return Mixture(entries, f"{mixture.source}, one level harder")
 
 
-def level_scores(report: dict, mixture: Mixture) -> dict[str, float | None]:
-    """pass@1 of an evaluation report on the problems at the mixture's trained levels and on those above them."""
+def level_side(problem, mixture: Mixture) -> str:
+    """'trained' for a problem at a level the mixture trains on, 'harder' for one above its family's top level."""
     top = {e.family: e.difficulty[1] for e in mixture.entries}
-    sums = {"trained": [0.0, 0], "harder": [0.0, 0]}
-    for key, r in report["by_task"].items():
-        family, level = key.rsplit("/", 1)
-        side = sums["harder" if int(level) > top.get(family, 0) else "trained"]
-        side[0] += r["pass@1"] * r["n"]
-        side[1] += r["n"]
-    return {f"pass@1_{side}": total / n if n else None for side, (total, n) in sums.items()}
+    return "harder" if problem.difficulty > top.get(problem.family, 0) else "trained"
+
+
+def level_scores(report: dict, problems: list, mixture: Mixture) -> dict[str, float | None]:
+    """pass@1 and its standard error on the problems at the mixture's trained levels and on those above them, from
+    the report's per-problem scores (in the order of `problems`)."""
+    from .evaluate import standard_error
+    out = {}
+    for side in ("trained", "harder"):
+        values = [v for p, v in zip(problems, report["per_problem"]) if level_side(p, mixture) == side]
+        out[f"pass@1_{side}"] = sum(values) / len(values) if values else None
+        out[f"pass@1_{side}_se"] = standard_error(values) if values else None
+    return out
+
+
+def gain(after: dict, before: dict, problems: list, mixture: Mixture) -> dict[str, tuple[float, float] | None]:
+    """after's pass@1 minus before's, with its paired standard error, overall and per side ('all', 'trained',
+    'harder'): both evaluated on the same `problems`."""
+    from .evaluate import paired_gain
+    out = {"all": paired_gain(after, before)}
+    for side in ("trained", "harder"):
+        keep = [level_side(p, mixture) == side for p in problems]
+        pick = lambda r: {"per_problem": [v for v, k in zip(r.get("per_problem") or [], keep) if k]}  # noqa: E731
+        out[side] = paired_gain(pick(after), pick(before)) if any(keep) else None
+    return out
 
 
 def score(cfg: PipelineConfig, model_dir: Path, problems: list) -> dict:
@@ -147,7 +174,7 @@ def score(cfg: PipelineConfig, model_dir: Path, problems: list) -> dict:
                             top_p=cfg.eval_top_p)
     report = evaluate(model, tok, problems, cfg.eval_samples, params, seed=cfg.seed,
                       speculative=model.cfg.num_nextn_predict_layers > 0)
-    return {**report, **level_scores(report, Mixture.from_recipe(cfg.tasks))}
+    return {**report, **level_scores(report, problems, Mixture.from_recipe(cfg.tasks))}
 
 
 class Pipeline:
@@ -198,13 +225,15 @@ class Pipeline:
         cfg, data = self.cfg, self.dir / "data"
         mixture = Mixture.from_recipe(cfg.tasks)
         corpus = build_corpus(mixture, cfg.tasks_n, cfg.eval_n, seed=cfg.seed)
+        corpus.train = cut_steps(corpus.train, cfg.worked_fraction, seed=cfg.seed)
         seen = {p.prompt for p in corpus.train}
         hard = [p for p in build_corpus(harder(mixture), cfg.eval_harder_n, cfg.eval_harder_n, seed=cfg.seed + 1,
                                         progress=False).held_out if p.prompt not in seen]
         held_out = corpus.held_out + hard
         write_jsonl(data / "eval.jsonl", held_out)
         write_jsonl(data / "corpus.jsonl", corpus.train)
-        print(f"  {len(corpus.train):,} training problems; {len(corpus.held_out)} held-out at the trained levels and "
+        worked = sum(p.solution != answer_only(p.answer) for p in corpus.train)
+        print(f"  {len(corpus.train):,} training problems ({worked:,} with worked steps); {len(corpus.held_out)} held-out at the trained levels and "
               f"{len(hard)} one level harder -> {data}")
         return {"train": len(corpus.train), "eval": len(held_out), "eval_harder": len(hard)}
 
@@ -226,9 +255,12 @@ class Pipeline:
         earlier = [e["name"] for e in self.cfg.stages[:self.cfg.stages.index(entry)]]
         cfg = self.cfg.stage_config(entry, self.dir, earlier)
         cfg = replace(cfg, resume=(Path(cfg.out) / "checkpoints").is_dir())
+        if "match" in entry:
+            cfg = replace(cfg, max_seconds=self.done(entry["match"])["compute_seconds"])
+            print(f"  {cfg.max_seconds:.0f} s of training, as long as {entry['match']}'s")
         summary = {"grpo": grpo.run, "distill": distill.run}.get(cfg.stage, lm.run)(cfg)
         return {"stage": cfg.stage, "dir": entry["name"], "steps": summary["steps"],
-                "final_loss": summary["final_loss"]}
+                "final_loss": summary["final_loss"], "compute_seconds": round(summary["seconds"], 1)}
 
     def evaluate(self, name: str) -> dict:
         from .evaluate import format_table
@@ -239,7 +271,8 @@ class Pipeline:
         path.parent.mkdir(exist_ok=True)
         write_json(path, report)
         print(format_table(report))
-        return {key: report[key] for key in ("pass@1", "pass@1_trained", "pass@1_harder")}
+        return {key: report[key] for key in ("pass@1", "pass@1_se", "pass@1_trained", "pass@1_harder",
+                                             "thinking_rate")}
 
     def export(self) -> dict:
         source = self.dir / (self.cfg.export or self.cfg.stages[-1]["name"]) / "model"
@@ -262,7 +295,57 @@ class Pipeline:
         return {s["name"].removeprefix("eval "): s for s in self.state["stages"] if "pass@1" in s}
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+def comparisons(stages: list[dict]) -> list[tuple[str, str, str]]:
+    """(after, before, how) for every comparison a recipe sets up: a stage against the stage it starts from (`init`),
+    and a stage that `match`es another's time against it (the other minus the control)."""
+    names = [e["name"] for e in stages]
+    out = []
+    for e in stages:
+        if e.get("init") in names:
+            out.append((e["name"], e["init"], "from its start"))
+        if e.get("match") in names:
+            out.append((e["match"], e["name"], "same time"))
+    return out
+
+
+def summary(run_dir: Path) -> list[str]:
+    """A finished (or partial) run's held-out results as text lines: each evaluated stage's pass@1 ± standard error,
+    overall, at the trained levels and one level harder, with its share of completions that show worked steps; then
+    each comparison of the recipe as a paired gain ± standard error; then each distilled student against its
+    teacher."""
+    from .evaluate import standard_error
+    settings = json.loads((run_dir / STATE).read_text())["settings"]
+    cfg = PipelineConfig(**{f.name: settings[f.name] for f in fields(PipelineConfig) if f.name in settings})
+    problems, mixture = read_jsonl(run_dir / "data" / "eval.jsonl"), Mixture.from_recipe(cfg.tasks)
+    evals = {e["name"]: json.loads(path.read_text()) for e in cfg.stages
+             if (path := run_dir / "evals" / f"{e['name']}.json").exists()}
+    sides = [sum(level_side(p, mixture) == side for p in problems) for side in ("trained", "harder")]
+    lines = [f"Held-out pass@1 ± standard error ({sides[0]} problems at the trained levels, {sides[1]} one level "
+             f"harder; {cfg.eval_samples} samples each at temperature {cfg.eval_temperature}, top-p {cfg.eval_top_p}):",
+             f"  {'stage':<18}{'all':>15}{'trained':>15}{'harder':>15}{'thinking':>10}"]
+    cell = lambda v, se: "-" if v is None else f"{v:.1%}" + ("" if se is None else f" ± {se * 100:.1f}")  # noqa: E731
+    for name, r in evals.items():
+        if "per_problem" in r:
+            levels, se = level_scores(r, problems, mixture), standard_error(r["per_problem"])
+        else:  # written before evaluations kept per-problem scores: no standard errors
+            levels, se = {k: r.get(k) for k in ("pass@1_trained", "pass@1_harder")}, None
+        lines.append(f"  {name:<18}{cell(r['pass@1'], se):>15}"
+                     + "".join(f"{cell(levels[f'pass@1_{s}'], levels.get(f'pass@1_{s}_se')):>15}"
+                               for s in ("trained", "harder")) + f"{r.get('thinking_rate', 0):>10.0%}")
+    pairs = [(a, b, how) for a, b, how in comparisons(cfg.stages) if a in evals and b in evals]
+    labels = [f"{a} - {b} ({how})" for a, b, how in pairs]
+    width = max(map(len, labels), default=0) + 2
+    if pairs:
+        lines.append("Gains in points ± paired standard error:".ljust(width + 2)
+                     + "".join(f"{s:>15}" for s in ("all", "trained", "harder")))
+        points = lambda g: "-" if g is None else f"{g[0] * 100:+.1f} ± {g[1] * 100:.1f}"  # noqa: E731
+        for (after, before, _), label in zip(pairs, labels):
+            g = gain(evals[after], evals[before], problems, mixture)
+            lines.append(f"  {label:<{width}}" + "".join(f"{points(g[s]):>15}" for s in ("all", "trained", "harder")))
+    for e in cfg.stages:
+        if e.get("teacher") in evals and e["name"] in evals:
+            student, teacher = evals[e["name"]]["pass@1"], evals[e["teacher"]]["pass@1"]
+            share = f"{student / teacher:.0%}" if teacher > 0 else "-"
+            lines.append(f"  {e['name']}: {student:.1%}, {share} of its teacher {e['teacher']}'s {teacher:.1%}")
+    return lines

@@ -38,7 +38,8 @@ from .errors import ConfigError, DataError, NanoseekError
 
 STAGE_ORDER = ("pretrain", "sft", "grpo", "distill")  # stages with other names follow, alphabetically
 GRPO_METRICS = (("reward", "reward"), ("accuracy", "accuracy"), ("format_rate", "format rate"),
-                ("response_length", "response length (tokens)"), ("kl", "KL to the reference (k3)"),
+                ("response_length", "response length (tokens)"), ("thinking_rate", "share with worked steps"),
+                ("groups_no_signal", "groups with equal rewards"), ("kl", "KL to the reference (k3)"),
                 ("entropy", "entropy (nats/token)"), ("clip_fraction", "clip fraction"), ("loss", "policy loss"))
 DPI = 90
 
@@ -341,10 +342,12 @@ def section_summary(run: Run) -> list[str]:
 
 
 def _pass1(report: dict) -> str:
-    """pass@1, as mean ± std over seeds when the report has several."""
+    """pass@1, as mean ± std over seeds when the report has several, else ± its standard error when known."""
     seeds = report.get("seeds")
     if _finite(report.get("pass@1_mean")) and isinstance(seeds, list) and len(seeds) > 1:
         return f"{_pct(report['pass@1_mean'])} ± {_pct(report.get('pass@1_std'))} ({len(seeds)} seeds)"
+    if _finite(report.get("pass@1_se")):
+        return f"{_pct(report.get('pass@1'))} ± {_pct(report['pass@1_se'])}"
     return _pct(report.get("pass@1"))
 
 
@@ -380,10 +383,16 @@ def section_evals(run: Run, plots: Path) -> list[str]:
     if not run.evals:
         return _missing("Held-out accuracy", "no evaluation reports (evals/*.json or a stage's eval.json)")
     lines = ["## Held-out accuracy", ""]
+    if run.pipeline is not None and (run.dir / "data" / "eval.jsonl").exists():
+        from .pipeline import summary
+        lines += ["```", *summary(run.dir), "```", "",
+                  "pass@1 ± its standard error over the problems; a gain is the mean of the per-problem differences "
+                  "± their standard error (both models answer the same problems). `same time`: the second stage "
+                  "trained for as many seconds as the first.", ""]
     voted = any(isinstance(e.report.get("samples"), int) and e.report["samples"] > 1 for e in run.evals)
     header = ["evaluation", "problems", "n", "samples", "temperature", "pass@1",
               *(["pass@k", "maj@k"] if voted else []),
-              "format rate", "answer rate", "mean tokens"]
+              "thinking", "format rate", "answer rate", "mean tokens"]
     rows = []
     for e in run.evals:
         r, k = e.report, e.report.get("samples")
@@ -393,7 +402,8 @@ def section_evals(run: Run, plots: Path) -> list[str]:
         if voted:
             many = isinstance(k, int) and k > 1
             row += [_pct(r.get(f"pass@{k}")), _pct(r.get(f"maj@{k}"))] if many else ["—", "—"]
-        rows.append(row + [_pct(r.get("format_rate")), _pct(r.get("answer_rate")), _num(r.get("mean_tokens"), 1)])
+        rows.append(row + [_pct(r.get("thinking_rate")), _pct(r.get("format_rate")), _pct(r.get("answer_rate")),
+                           _num(r.get("mean_tokens"), 1)])
     lines += _table(header, rows) + [""]
     for start, after, how in _comparisons(run):
         delta = _pass1_value(after) - start[1]

@@ -69,6 +69,12 @@ def format_reward(completion: str) -> RewardResult:
     return RewardResult(1.0, "ok")
 
 
+def thinks(completion: str) -> bool:
+    """Whether a completion shows worked steps: a `<think>` block with something in it."""
+    start, end = completion.find("<think>"), completion.find("</think>")
+    return 0 <= start < end and bool(completion[start + len("<think>"):end].strip())
+
+
 def overlong_penalty(length: int, max_length: int, cache: int) -> RewardResult:
     """DAPO's soft overlong punishment: 0 up to L_max - L_cache, then linear down to -1 at L_max, -1 beyond."""
     if length <= max_length - cache:

@@ -12,7 +12,8 @@ import torch
 from nanoseek import Transformer
 from nanoseek.cli import main
 from nanoseek.data import write_jsonl
-from nanoseek.evaluate import majority_index, pass_at_k, problem_metrics, task_problems
+from nanoseek.evaluate import (ks, majority_index, paired_gain, pass_at_k, problem_metrics, standard_error,
+                               task_problems)
 from nanoseek.tasks import get_family
 from nanoseek.tokenizer import train_tokenizer
 
@@ -68,7 +69,19 @@ def test_problem_metrics_of_known_completions():
     m = problem_metrics(problem, texts, [10, 4, 6, 8])
     assert m["pass@1"] == 0.25 and m["pass@4"] == 1.0 and m["maj@4"] == 0.0  # the wrong answer wins the vote
     assert m["format_rate"] == 0.5 and m["answer_rate"] == 0.75 and m["mean_tokens"] == 7.0
+    assert m["pass@2"] == 0.5 and m["thinking_rate"] == 0.5  # 1 - C(3,2)/C(4,2); two non-empty <think> blocks
     assert problem_metrics(problem, texts[:2] + texts[:1], [1, 1, 1])["maj@3"] == 1.0
+
+
+def test_the_pass_at_k_curve_and_standard_errors():
+    assert ks(1) == [1] and ks(4) == [1, 2, 4] and ks(6) == [1, 2, 4, 6] and ks(32) == [1, 2, 4, 8, 16, 32]
+    assert standard_error([1.0]) == 0.0
+    assert standard_error([0.0, 1.0, 0.0, 1.0]) == pytest.approx(math.sqrt(1 / 3 / 4))
+    before = {"per_problem": [0.0, 0.5, 1.0, 0.0]}
+    after = {"per_problem": [1.0, 0.5, 1.0, 0.5]}
+    mean, se = paired_gain(after, before)
+    assert mean == pytest.approx(0.375) and se == pytest.approx(standard_error([1.0, 0.0, 0.0, 0.5]))
+    assert paired_gain(after, {"per_problem": [0.0]}) is None and paired_gain(after, {}) is None
 
 
 def test_task_problems_are_distinct_seeded_and_within_the_levels():

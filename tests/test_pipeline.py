@@ -60,6 +60,36 @@ def test_pipeline_runs_every_stage_and_keeps_the_held_out_problems_unseen(recipe
     assert f"model:  {out / 'model'}" in printed and "nanoseek chat --model" in printed
 
 
+def test_an_equal_time_control_and_a_corpus_with_answers_only(recipe, tmp_path, capsys):
+    stages = [*RECIPE["stages"][:2],
+              {"name": "control", "stage": "sft", "init": "pretrain", "match": "grpo", "max_steps": 10_000,
+               "seq_len": 64, "batch_size": 2, "save_every": 10_000},
+              {**RECIPE["stages"][2], "init": "pretrain"},
+              {"name": "student-grpo", "stage": "grpo", "init": "pretrain", "match": "distill", "max_steps": 10_000,
+               "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 12, "save_every": 10_000}]
+    recipe.write_text(yaml.safe_dump({**RECIPE, "stages": stages, "worked_fraction": 0.5}))
+    out = tmp_path / "run"
+    assert main(["pipeline", "--recipe", str(recipe), "--out", str(out)]) == 0
+    corpus = read_jsonl(out / "data" / "corpus.jsonl")
+    answers_only = sum(p.solution == f"<think> </think> <answer>{p.answer}</answer>" for p in corpus)
+    assert 0.4 < answers_only / len(corpus) < 0.6
+    state = {s["name"]: s for s in json.loads((out / "pipeline.json").read_text())["stages"]}
+    for control, matched in (("control", "grpo"), ("student-grpo", "distill")):
+        rows = [json.loads(r) for r in (out / control / "metrics.jsonl").read_text().splitlines()]
+        budget = state[matched]["compute_seconds"]
+        # it stops at the first step that reaches the other stage's seconds
+        assert sum(r["seconds"] for r in rows[:-1]) < budget <= sum(r["seconds"] for r in rows) + 0.1
+        assert len(rows) < 10_000
+    trace_seconds = json.loads((out / "distill" / "data" / "traces.json").read_text())["seconds"]
+    distill_steps = [json.loads(r)["seconds"] for r in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert state["distill"]["compute_seconds"] == pytest.approx(trace_seconds + sum(distill_steps), abs=0.1)
+    printed = capsys.readouterr().out
+    assert "  grpo - control (same time)" in printed and "  grpo - pretrain (from its start)" in printed
+    assert "  distill - student-grpo (same time)" in printed and "of its teacher grpo's" in printed
+    report = json.loads((out / "evals" / "control.json").read_text())
+    assert len(report["per_problem"]) == report["n"] and 0 <= report["thinking_rate"] <= 1
+
+
 def test_a_killed_pipeline_resumes_where_it_stopped(recipe, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     crash_after(monkeypatch, 2)  # the pretrain stage is killed after its checkpoint at step 2
@@ -114,6 +144,8 @@ def test_other_settings_in_the_same_directory_are_refused(recipe, tmp_path, caps
     (lambda r: r.pop("tasks"), "'tasks' is required"),
     (lambda r: r.update(eval_samples="four"), "'eval_samples' = 'four': expected int"),
     (lambda r: r.update(eval_samples=0), "'eval_samples' = 0: must be >= 1"),
+    (lambda r: r.update(worked_fraction=1.5), "'worked_fraction' = 1.5: must be in [0, 1]"),
+    (lambda r: r["stages"][1].update(match="later"), "match: 'later' is not an earlier stage"),
 ])
 def test_recipe_mistakes_are_named_before_anything_runs(recipe, tmp_path, capsys, edit, message):
     bad = json.loads(json.dumps(RECIPE))

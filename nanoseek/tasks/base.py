@@ -57,6 +57,11 @@ def worked(steps: str, answer: object) -> str:
     return f"<think> {steps} </think> <answer>{answer}</answer>"
 
 
+def answer_only(answer: object) -> str:
+    """A completion with the final answer and no worked steps (an empty `<think>`)."""
+    return f"<think> </think> <answer>{answer}</answer>"
+
+
 def extract_answer(completion: str) -> str | None:
     """The stripped content of the last `<answer>...</answer>` block, or None if there is none."""
     end = completion.rfind("</answer>")

@@ -3,7 +3,8 @@
 Rejection sampling: a model answers each problem K times; only completions that the task verifier scores 1.0, in
 the `<think> ... </think> <answer> ... </answer>` format and finished on their own (not cut at max tokens) are
 kept, deduplicated per prompt. The kept traces are SFT data: for the model itself (R1's second SFT round) or for a
-smaller student (distillation), which is then trained on them with the SFT objective.
+smaller student (distillation), which is then trained on them with the SFT objective. The seconds the sampling took
+count as the stage's compute beside the student's steps.
 
 On several processes each rank answers a contiguous share of the problems (request seeds drawn from seed + rank),
 rank 0 gathers the kept traces in problem order and writes them, and the student trains data-parallel (lm.run).
@@ -12,13 +13,15 @@ rank 0 gathers the kept traces in problem order and writes them, and the student
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
+import time
 from pathlib import Path
 
 import torch
 
 from .. import distributed
-from ..data import held_out_path, read_jsonl, write_jsonl
+from ..data import held_out_path, read_jsonl, write_json, write_jsonl
 from ..errors import TrainError
 from ..evaluate import sample_completions
 from ..model import Transformer
@@ -69,9 +72,11 @@ def run(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     lm.check_writable(out)
     traces_path = out / "data" / "traces.jsonl"
+    stats_path = out / "data" / "traces.json"  # the counts and the seconds the teacher's sampling took
     held_out = [p for path in cfg.data for p in read_jsonl(path)]
     device = distributed.init(cfg.device)
-    if not (cfg.resume and traces_path.exists()):
+    if not (cfg.resume and traces_path.exists() and stats_path.exists()):
+        t0 = time.perf_counter()
         teacher = Transformer.from_pretrained(cfg.teacher, device=device)
         tok = Tokenizer.load(cfg.teacher)
         problems = distinct_problems(Mixture.from_recipe(cfg.tasks), cfg.tasks_n, cfg.seed,
@@ -90,12 +95,16 @@ def run(cfg: TrainConfig) -> dict:
         if not traces:
             raise TrainError(f"distill: the teacher {cfg.teacher} solved none of {len(problems)} problems "
                              f"in {cfg.group_size} tries each; nothing to distill")
+        stats["seconds"] = round(time.perf_counter() - t0, 2)
         if distributed.is_main():
             write_jsonl(held_out_path(traces_path), held_out)
             write_jsonl(traces_path, traces)
+            write_json(stats_path, stats)
         distributed.barrier()
         print(f"distill: kept {stats['kept']} traces of {stats['samples']} samples "
               f"({stats['problems_solved']} of {stats['problems']} problems solved) -> {traces_path}")
     student = dataclasses.replace(cfg, stage="sft", data=[str(traces_path)], tasks=None,
                                   tokenizer=cfg.tokenizer or cfg.teacher)
-    return lm.run(student)
+    summary = lm.run(student)
+    trace_seconds = json.loads(stats_path.read_text())["seconds"]
+    return {**summary, "trace_seconds": trace_seconds, "seconds": summary["seconds"] + trace_seconds}

@@ -37,7 +37,7 @@ import torch
 from .. import distributed
 from ..data import read_jsonl
 from ..errors import TrainError
-from ..rewards import RewardConfig, combined_reward, format_reward
+from ..rewards import RewardConfig, combined_reward, format_reward, thinks
 from ..sampling import SamplingParams
 from ..tasks import Mixture, Problem
 from .loop import Trainer
@@ -136,7 +136,7 @@ class RolloutSource:
     @torch.no_grad()
     def sample(self) -> Rollouts:
         cfg, G = self.cfg, self.cfg.group_size
-        kept_prompts, kept_groups, draws, stats = [], [], 0, []
+        kept_prompts, kept_groups, draws, stats, flat = [], [], 0, [], 0
         share = distributed.share(cfg.prompts_per_step, "prompts_per_step")
         first = distributed.rank() * share  # this rank's prompts of the batch every rank draws
         # dynamic sampling may drop every group (on every rank): draw again
@@ -155,19 +155,23 @@ class RolloutSource:
                 results = [combined_reward(problem, c.text, self.rewards) for c in group]
                 rewards = [r.value for r in results]
                 stats += [(r, c) for r, c in zip(results, group)]
+                flat += len(set(rewards)) == 1
                 if not (cfg.dynamic_sampling and len(set(rewards)) == 1):
                     kept_prompts.append(prompts[i])
                     kept_groups.append((group, rewards))
-        return self.pack(kept_prompts, kept_groups, stats)
+        return self.pack(kept_prompts, kept_groups, stats, flat)
 
-    def pack(self, prompts, groups, stats) -> Rollouts:
+    def pack(self, prompts, groups, stats, flat: int) -> Rollouts:
+        """flat: how many of the sampled groups had all-equal rewards (zero advantages: no signal)."""
         cfg = self.cfg
         metrics = {"reward": sum(r.value for r, _ in stats) / len(stats),
                    "accuracy": sum(r.components["accuracy"].value == 1.0 for r, _ in stats) / len(stats),
                    "format_rate": sum(format_reward(c.text).value == 1.0 for _, c in stats) / len(stats),
+                   "thinking_rate": sum(thinks(c.text) for _, c in stats) / len(stats),
                    "response_length": sum(len(c.token_ids) for _, c in stats) / len(stats),
                    "truncated": sum(c.finish_reason == "length" for _, c in stats) / len(stats),
-                   "groups_kept": len(groups) / max(1, len(stats) // cfg.group_size)}
+                   "groups_kept": len(groups) / max(1, len(stats) // cfg.group_size),
+                   "groups_no_signal": flat / max(1, len(stats) // cfg.group_size)}
         if not groups:  # every group had equal rewards: nothing to learn from this batch
             empty = torch.zeros(0, 2, dtype=torch.long)
             return Rollouts(empty, empty.bool(), torch.zeros(0, 1), torch.zeros(0), None, None, metrics)

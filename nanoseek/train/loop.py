@@ -105,7 +105,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                            eps=1e-8, fused=self.device.type == "cuda")
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
-        self.step = 0
+        self.step, self.spent = 0, 0.0  # steps taken; their summed seconds (what `max_seconds` limits)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -120,7 +120,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         distributed.barrier()
         self.save_model(tmp / "model")
-        state = {"step": self.step, "loader": self.loader.state_dict(),
+        state = {"step": self.step, "seconds": self.spent, "loader": self.loader.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "numpy": np.random.get_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -179,7 +179,7 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.step = state["step"]
+        self.step, self.spent = state["step"], state.get("seconds", 0.0)
         if self.main and self.metrics_path.exists():  # drop rows logged after this checkpoint: logged again
             rows = [r for r in self.metrics_path.read_text().splitlines() if json.loads(r)["step"] <= self.step]
             self.metrics_path.write_text("".join(r + "\n" for r in rows))
@@ -240,6 +240,12 @@ class Trainer:
         raise TrainError(f"non-finite loss ({value}) at step {self.step}; stopped without saving. "
                          f"Last good checkpoint: {last[-1] if last else 'none'}. Lower lr or check the data.")
 
+    def finished(self) -> bool:
+        """max_steps taken, or the `max_seconds` budget spent (every process stops at the same step)."""
+        if self.step >= self.cfg.max_steps:
+            return True
+        return bool(self.cfg.max_seconds) and distributed.any_true(self.spent >= self.cfg.max_seconds)
+
     def fit(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
@@ -256,8 +262,9 @@ class Trainer:
                    dynamic_ncols=True, disable=not self.main)
         row = None
         with open(self.metrics_path if self.main else os.devnull, "a") as log:
-            while self.step < cfg.max_steps:
+            while not self.finished():
                 row = self.train_step()
+                self.spent += row["seconds"]
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 bar.update(1)
@@ -265,12 +272,12 @@ class Trainer:
                 shown.update({"reward": f"{row['reward']:.3f}"} if "reward" in row else
                              {"maxvio": f"{row['maxvio_mean']:.2f}"})
                 bar.set_postfix(shown)
-                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                if self.step % cfg.save_every == 0 or self.finished():
                     self.save_checkpoint()
                     if self.main:  # a busy machine reads low: keep the best
                         self.peak = max(self.peak, matmul_peak(self.device))
         bar.close()
         final = self.out / "model"
         self.save_model(final)
-        return {"steps": self.step, "model": str(final), "metrics": str(self.metrics_path),
+        return {"steps": self.step, "seconds": self.spent, "model": str(final), "metrics": str(self.metrics_path),
                 "final_loss": row["loss"] if row else None, "peak_flops": self.peak}
