@@ -24,6 +24,7 @@ def test_v3_preset_is_the_official_config():
 def test_small_presets_sizes():
     assert Transformer(ModelConfig.from_preset("tiny")).num_parameters() < 1_000_000
     assert 8e6 < Transformer(ModelConfig.from_preset("small")).num_parameters() < 12e6
+    assert 2e6 < Transformer(ModelConfig.from_preset("mini")).num_parameters() < 3e6
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from nanoseek.cli import main
-from nanoseek.data import build_corpus, held_out_path, read_jsonl, write_jsonl
+from nanoseek.data import build_corpus, cut_steps, held_out_path, read_jsonl, write_jsonl
 from nanoseek.errors import TaskError
 from nanoseek.tasks import Mixture, MixtureEntry, get_family
 
@@ -24,6 +24,19 @@ def test_corpus_is_deduplicated_split_and_deterministic():
     again = build_corpus(MIXTURE, 400, held_out=50, seed=1, progress=False)
     assert again.train == corpus.train and again.held_out == corpus.held_out
     assert build_corpus(MIXTURE, 400, held_out=50, seed=2, progress=False).train != corpus.train
+
+
+def test_cut_steps_keeps_a_share_of_worked_solutions():
+    corpus = build_corpus(Mixture([MixtureEntry("addition", (2, 3))]), 1000, held_out=0, seed=0, progress=False)
+    cut = cut_steps(corpus.train, 0.3, seed=0)
+    answers = [p for p in cut if p.solution == f"<think> </think> <answer>{p.answer}</answer>"]
+    assert 0.6 < len(answers) / len(cut) < 0.8
+    assert all(p.solution == q.solution for p, q in zip(cut, corpus.train) if p not in answers)
+    assert [p.prompt for p in cut] == [p.prompt for p in corpus.train] and cut == cut_steps(corpus.train, 0.3, seed=0)
+    assert all(get_family("addition").score(p, p.solution) == 1.0 for p in answers)  # still right, just unworked
+    assert cut_steps(corpus.train, 1.0) == corpus.train
+    with pytest.raises(TaskError, match="worked_fraction"):
+        cut_steps(corpus.train, 1.5)
 
 
 def test_a_small_mixture_runs_out_instead_of_spinning():

@@ -50,6 +50,23 @@ def test_resume_is_bit_exact(corpus, tmp_path, monkeypatch):
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
 
 
+def test_a_time_budget_stops_training_and_survives_a_resume(corpus, tmp_path, monkeypatch):
+    first = run(settings(corpus, tmp_path / "timed", max_steps=1000, max_seconds=1e-9))
+    assert first["steps"] == 1  # the first step already spends the budget
+    rows = [json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()]
+    assert first["seconds"] == pytest.approx(rows[0]["seconds"])
+    crash_after(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        run(settings(corpus, tmp_path / "budget", max_steps=1000, max_seconds=1e6))
+    spent = sum(json.loads(line)["seconds"] for line in
+                (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()[:4])  # the step-4 checkpoint
+    budget = spent + 1e-9  # one step more than the checkpoint's four
+    summary = run(settings(corpus, tmp_path / "budget", max_steps=1000, max_seconds=budget, resume=True))
+    assert summary["steps"] == 5 and len(losses(tmp_path / "budget")) == 5
+    with pytest.raises(TrainError, match="max_seconds"):
+        load_config(None, {"data": [str(corpus)], "max_seconds": -1})
+
+
 KILL_MID_SAVE = """
 import os, signal, sys
 real_replace = os.replace
