@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--n", type=int, help="problems (default: 100 from --tasks, all of --data)")
     evaluation.add_argument("--samples", type=int, default=1, help="completions per problem (k)")
     evaluation.add_argument("--seed", type=int, default=1, help="draws the problems and the sampling seeds")
-    evaluation.add_argument("--batch", type=int, default=32, help="sequences decoded together")
+    evaluation.add_argument("--batch", type=int, default=128, help="sequences decoded together")
     evaluation.add_argument("--out", help="write the report as JSON here")
     evaluation.set_defaults(func=cmd_eval)  # temperature None: 0 for one sample, 0.6 (R1's setting) for several
 

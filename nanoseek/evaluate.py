@@ -142,7 +142,7 @@ def paired_gain(after: dict, before: dict) -> tuple[float, float] | None:
 
 
 def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, params: SamplingParams | None = None,
-             seed: int = 0, speculative: bool = False, batch_size: int = 32, progress: bool = True) -> dict:
+             seed: int = 0, speculative: bool = False, batch_size: int = 128, progress: bool = True) -> dict:
     """Sample `samples` completions per problem (request seeds drawn from `seed`) and score them: the metrics
     above overall (top level), `by_family` and `by_task` (`family/difficulty`), plus a few examples."""
     params = params or SamplingParams()
@@ -166,7 +166,7 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, p
 
 
 def sample_completions(model, tok: Tokenizer, problems: list[Problem], samples: int, params: SamplingParams,
-                       seed: int = 0, speculative: bool = False, batch_size: int = 32, progress: bool = True,
+                       seed: int = 0, speculative: bool = False, batch_size: int = 128, progress: bool = True,
                        desc: str = "eval") -> tuple[Engine, list[list[Completion]]]:
     """`samples` completions of each problem's chat prompt, request seeds drawn from `seed`; grouped per problem."""
     if samples < 1 or not problems:

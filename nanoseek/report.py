@@ -383,7 +383,8 @@ def section_evals(run: Run, plots: Path) -> list[str]:
     if not run.evals:
         return _missing("Held-out accuracy", "no evaluation reports (evals/*.json or a stage's eval.json)")
     lines = ["## Held-out accuracy", ""]
-    if run.pipeline is not None and (run.dir / "data" / "eval.jsonl").exists():
+    summarised = run.pipeline is not None and (run.dir / "data" / "eval.jsonl").exists()  # a pipeline run
+    if summarised:
         from .pipeline import summary
         lines += ["```", *summary(run.dir), "```", "",
                   "pass@1 ± its standard error over the problems; a gain is the mean of the per-problem differences "
@@ -406,6 +407,8 @@ def section_evals(run: Run, plots: Path) -> list[str]:
                            _num(r.get("mean_tokens"), 1)])
     lines += _table(header, rows) + [""]
     for start, after, how in _comparisons(run):
+        if summarised and not isinstance(after.get("before"), dict):  # the summary above holds the stages' gains
+            continue
         delta = _pass1_value(after) - start[1]
         lines.append(f"- `{start[0]}` → `{after['label'] if after.get('label') else '?'}`{how}: pass@1 "
                      f"{_pct(start[1])} → {_pct(_pass1_value(after))} ({delta * 100:+.1f} points)")
