@@ -260,7 +260,7 @@ class Pipeline:
             print(f"  {cfg.max_seconds:.0f} s of training, as long as {entry['match']}'s")
         summary = {"grpo": grpo.run, "distill": distill.run}.get(cfg.stage, lm.run)(cfg)
         return {"stage": cfg.stage, "dir": entry["name"], "steps": summary["steps"],
-                "final_loss": summary["final_loss"], "compute_seconds": round(summary["seconds"], 1)}
+                "final_loss": summary["final_loss"], "compute_seconds": round(summary["seconds"], 4)}
 
     def evaluate(self, name: str) -> dict:
         from .evaluate import format_table

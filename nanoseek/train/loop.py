@@ -244,7 +244,7 @@ class Trainer:
         """max_steps taken, or the `max_seconds` budget spent (every process stops at the same step)."""
         if self.step >= self.cfg.max_steps:
             return True
-        return bool(self.cfg.max_seconds) and distributed.any_true(self.spent >= self.cfg.max_seconds)
+        return self.cfg.max_seconds is not None and distributed.any_true(self.spent >= self.cfg.max_seconds)
 
     def fit(self) -> dict:
         cfg = self.cfg

@@ -36,7 +36,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_steps: int = 1000
-    max_seconds: float = 0.0  # also stop once the steps have taken this long (0: no limit): equal-time controls
+    max_seconds: float | None = None  # also stop once the steps have taken this long (equal-time controls)
     # optimiser (AdamW, betas 0.9 / 0.95)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -99,7 +99,7 @@ class TrainConfig:
                   "1 for GRPO (rollouts of different lengths on each process cannot share experts)"),
                  ("seq_len", self.seq_len > 0, "> 0"), ("batch_size", self.batch_size > 0, "> 0"),
                  ("grad_accum", self.grad_accum > 0, "> 0"), ("max_steps", self.max_steps > 0, "> 0"),
-                 ("max_seconds", self.max_seconds >= 0, ">= 0 (0: no limit)"),
+                 ("max_seconds", self.max_seconds is None or self.max_seconds >= 0, ">= 0 (or unset: no limit)"),
                  ("lr", self.lr > 0, "> 0"), ("save_every", self.save_every > 0, "> 0"),
                  ("keep_last", self.keep_last > 0, "> 0"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
                  ("data", bool(self.data) or self.tasks is not None, "lists files (or `tasks` names a task recipe)"),
