@@ -214,7 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
                  num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                  num_nextn_predict_layers=1, max_position_embeddings=512),
-    # The CPU demo's model: `small` at half the width (~2.4M parameters with the MTP module), 2.7x its tokens/s, so the
+    # The CPU demo's model: `small` at half the width (~2.8M parameters with the MTP module), 2.7x its tokens/s, so the
     # demo's pretraining reaches the worked solutions' algorithms (~2.5M tokens) in minutes.
     "mini": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96,

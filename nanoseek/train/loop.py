@@ -5,7 +5,8 @@ A stage (pretrain, SFT, later GRPO and distillation) hands the Trainer a model, 
 
   for each step: lr, MTP weight and balancing speed from the schedule -> grad_accum micro-batches (forward,
   backward) -> clip to 1.0 -> AdamW -> move the gate biases by the step's expert loads -> log a metrics.jsonl row
-  -> every `save_every` steps an atomic checkpoint, keeping the last `keep_last`.
+  -> every `save_every` steps an atomic checkpoint, keeping the last `keep_last`; until `max_steps`, or until the
+  steps' summed seconds reach `max_seconds` (an equal-time control; the sum is checkpointed, so a resume keeps it).
 
 MFU is measured against the best dense-matmul rate of this device timed in the same run (at the start and at
 every checkpoint), with the model FLOPs of `cost.flops_per_token`; every metrics row carries both (`flops_per_token`,
@@ -258,8 +259,8 @@ class Trainer:
             self.metrics_path.unlink()
         distributed.barrier()
         self.peak = matmul_peak(self.device) if self.main else 1.0  # only rank 0's rows are written
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.stage} {self.out}", unit="step",
-                   dynamic_ncols=True, disable=not self.main)
+        bar = tqdm(total=None if cfg.max_seconds is not None else cfg.max_steps, initial=self.step,
+                   desc=f"{cfg.stage} {self.out}", unit="step", dynamic_ncols=True, disable=not self.main)
         row = None
         with open(self.metrics_path if self.main else os.devnull, "a") as log:
             while not self.finished():
@@ -271,6 +272,8 @@ class Trainer:
                 shown = {"loss": f"{row['loss']:.3f}", "tok_s": f"{row['tokens_per_s']:.0f}"}
                 shown.update({"reward": f"{row['reward']:.3f}"} if "reward" in row else
                              {"maxvio": f"{row['maxvio_mean']:.2f}"})
+                if cfg.max_seconds is not None:
+                    shown["seconds"] = f"{self.spent:.0f}/{cfg.max_seconds:.0f}"
                 bar.set_postfix(shown)
                 if self.step % cfg.save_every == 0 or self.finished():
                     self.save_checkpoint()
