@@ -124,7 +124,8 @@ def main() -> int:
         "label": label, "model": str(runs), "problems": "data/eval.jsonl (held-out)", "steps": steps,
         "pass@1": statistics.mean(after), "seeds": after, "pass@1_mean": statistics.mean(after),
         "pass@1_std": spread(after)[1], "before": {"label": entry["init"], **{k: before[k] for k in KEYS}},
-        "after": rows[steps], "control": controls, "gain": {k: {"mean": m, "std": sd} for k, (m, sd) in curve[steps].items()},
+        "after": rows[steps], "control": controls,
+        "gain": {k: {"mean": m, "std": sd} for k, (m, sd) in curve[steps].items()},
         "by_steps": {str(m): {"after": rows[m], "gain": {k: {"mean": g, "std": sd} for k, (g, sd) in c.items()}}
                      for m, c in curve.items()},
         "samples": cfg.eval_samples, "sampling": {"temperature": cfg.eval_temperature, "top_p": cfg.eval_top_p}})

@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--held-out-fraction", type=float, default=0.05)
     split.add_argument("--held-out-n", type=int, help="an exact number of held-out problems")
     build.add_argument("--worked-fraction", type=float, default=1.0,
-                       help="the share of training problems that keep their worked steps; the rest give the answer only")
+                       help="the share of training problems that keep their worked steps (the rest: the answer only)")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=cmd_data_build)
 

@@ -153,12 +153,13 @@ def gain(after: dict, before: dict, problems: list, mixture: Mixture) -> dict[st
     """after's pass@1 minus before's, with its paired standard error, overall and per side ('all', 'trained',
     'harder'): both evaluated on the same `problems`."""
     from .evaluate import paired_gain
-    out = {"all": paired_gain(after, before)}
-    for side in ("trained", "harder"):
-        keep = [level_side(p, mixture) == side for p in problems]
-        pick = lambda r: {"per_problem": [v for v, k in zip(r.get("per_problem") or [], keep) if k]}  # noqa: E731
-        out[side] = paired_gain(pick(after), pick(before)) if any(keep) else None
-    return out
+    sides = [level_side(p, mixture) for p in problems]
+
+    def on(report: dict, side: str) -> dict:  # the report's per-problem scores on one side only
+        return {"per_problem": [v for v, s in zip(report.get("per_problem") or [], sides) if s == side]}
+    return {"all": paired_gain(after, before),
+            **{side: paired_gain(on(after, side), on(before, side)) if side in sides else None
+               for side in ("trained", "harder")}}
 
 
 def score(cfg: PipelineConfig, model_dir: Path, problems: list) -> dict:
@@ -233,8 +234,8 @@ class Pipeline:
         write_jsonl(data / "eval.jsonl", held_out)
         write_jsonl(data / "corpus.jsonl", corpus.train)
         worked = sum(p.solution != answer_only(p.answer) for p in corpus.train)
-        print(f"  {len(corpus.train):,} training problems ({worked:,} with worked steps); {len(corpus.held_out)} held-out at the trained levels and "
-              f"{len(hard)} one level harder -> {data}")
+        print(f"  {len(corpus.train):,} training problems ({worked:,} with worked steps); {len(corpus.held_out)} "
+              f"held-out at the trained levels and {len(hard)} one level harder -> {data}")
         return {"train": len(corpus.train), "eval": len(held_out), "eval_harder": len(hard)}
 
     def build_tokenizer(self) -> dict:
@@ -324,7 +325,12 @@ def summary(run_dir: Path) -> list[str]:
     lines = [f"Held-out pass@1 ± standard error ({sides[0]} problems at the trained levels, {sides[1]} one level "
              f"harder; {cfg.eval_samples} samples each at temperature {cfg.eval_temperature}, top-p {cfg.eval_top_p}):",
              f"  {'stage':<18}{'all':>15}{'trained':>15}{'harder':>15}{'thinking':>10}"]
-    cell = lambda v, se: "-" if v is None else f"{v:.1%}" + ("" if se is None else f" ± {se * 100:.1f}")  # noqa: E731
+    def cell(value, se) -> str:
+        return "-" if value is None else f"{value:.1%}" + ("" if se is None else f" ± {se * 100:.1f}")
+
+    def points(g: tuple[float, float] | None) -> str:
+        return "-" if g is None else f"{g[0] * 100:+.1f} ± {g[1] * 100:.1f}"
+
     for name, r in evals.items():
         if "per_problem" in r:
             levels, se = level_scores(r, problems, mixture), standard_error(r["per_problem"])
@@ -339,7 +345,6 @@ def summary(run_dir: Path) -> list[str]:
     if pairs:
         lines.append("Gains in points ± paired standard error:".ljust(width + 2)
                      + "".join(f"{s:>15}" for s in ("all", "trained", "harder")))
-        points = lambda g: "-" if g is None else f"{g[0] * 100:+.1f} ± {g[1] * 100:.1f}"  # noqa: E731
         for (after, before, _), label in zip(pairs, labels):
             g = gain(evals[after], evals[before], problems, mixture)
             lines.append(f"  {label:<{width}}" + "".join(f"{points(g[s]):>15}" for s in ("all", "trained", "harder")))
