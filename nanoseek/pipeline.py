@@ -257,7 +257,11 @@ class Pipeline:
         cfg = self.cfg.stage_config(entry, self.dir, earlier)
         cfg = replace(cfg, resume=(Path(cfg.out) / "checkpoints").is_dir())
         if "match" in entry:
-            cfg = replace(cfg, max_seconds=self.done(entry["match"])["compute_seconds"])
+            matched = self.done(entry["match"]) or {}
+            if "compute_seconds" not in matched:  # a run directory written before stages recorded their seconds
+                raise TrainError(f"{self.state_path}: stage {entry['match']!r} has no recorded seconds for "
+                                 f"{entry['name']!r} to match; rerun it (--fresh)")
+            cfg = replace(cfg, max_seconds=matched["compute_seconds"])
             print(f"  {cfg.max_seconds:.0f} s of training, as long as {entry['match']}'s")
         summary = {"grpo": grpo.run, "distill": distill.run}.get(cfg.stage, lm.run)(cfg)
         return {"stage": cfg.stage, "dir": entry["name"], "steps": summary["steps"],
