@@ -428,12 +428,16 @@ def section_evals(run: Run, plots: Path) -> list[str]:
         bars = ax.bar(x, values, width, label=e.label)
         if _finite(e.report.get("pass@1_std")):  # over seeds: overall only
             ax.errorbar(x[0], values[0], yerr=e.report["pass@1_std"], color="black", capsize=3)
+        else:  # one standard error over the problems, where the evaluation has it
+            errors = [e.report.get("pass@1_se")] + [by_family.get(f, {}).get("pass@1_se") for f in families]
+            ax.errorbar(x, values, yerr=[v if _finite(v) else 0.0 for v in errors], fmt="none", ecolor="black",
+                        capsize=2, linewidth=0.8)
         if len(groups) * len(run.evals) <= 24:
             ax.bar_label(bars, [f"{v:.0%}" if _finite(v) else "" for v in values], fontsize="small", padding=2)
     ax.set_xticks(np.arange(len(groups)), groups, rotation=20 if len(groups) > 6 else 0)
     ax.set_ylabel("pass@1")
     ax.set_ylim(0, 1)
-    ax.set_title("held-out pass@1, overall and per task family")
+    ax.set_title("held-out pass@1, overall and per task family (± one standard error)")
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     lines += [f"![held-out pass@1]({_save(fig, plots, 'heldout')})", ""]
