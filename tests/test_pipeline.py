@@ -11,6 +11,7 @@ from nanoseek.data import read_jsonl
 from nanoseek.errors import TrainError
 from nanoseek.pipeline import Pipeline, PipelineConfig
 from nanoseek.tasks import Mixture, resolve_recipe
+from nanoseek.train.loop import Trainer
 
 from .conftest import crash_after
 from .test_distill import fake_sampler
@@ -88,6 +89,30 @@ def test_an_equal_time_control_and_a_corpus_with_answers_only(recipe, tmp_path, 
     assert "  distill - student-grpo (same time)" in printed and "of its teacher grpo's" in printed
     report = json.loads((out / "evals" / "control.json").read_text())
     assert len(report["per_problem"]) == report["n"] and 0 <= report["thinking_rate"] <= 1
+
+
+def test_a_control_killed_mid_way_resumes_with_the_seconds_it_spent(recipe, tmp_path, monkeypatch):
+    grpo = {**RECIPE["stages"][1], "max_steps": 8, "save_every": 8}
+    control = {"name": "control", "stage": "sft", "init": "pretrain", "match": "grpo", "max_steps": 1000,
+               "seq_len": 64, "batch_size": 2, "save_every": 2}
+    recipe.write_text(yaml.safe_dump({**RECIPE, "stages": [RECIPE["stages"][0], grpo, control], "export": None}))
+    original = Trainer.train_step
+
+    def killed_in_the_control(self):  # a kill after the control's checkpoint at step 2, once
+        if self.out.name == "control" and self.step == 4:
+            monkeypatch.setattr(Trainer, "train_step", original)
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", killed_in_the_control)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        main(["pipeline", "--recipe", str(recipe), "--out", str(out)])
+    assert main(["pipeline", "--recipe", str(recipe), "--out", str(out)]) == 0
+    rows = [json.loads(r) for r in (out / "control" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # one row per step after the resume
+    budget = {s["name"]: s for s in json.loads((out / "pipeline.json").read_text())["stages"]}["grpo"]
+    assert sum(r["seconds"] for r in rows[:-1]) < budget["compute_seconds"] <= sum(r["seconds"] for r in rows) + 1e-3
 
 
 def test_a_killed_pipeline_resumes_where_it_stopped(recipe, tmp_path, monkeypatch, capsys):
