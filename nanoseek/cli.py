@@ -108,6 +108,8 @@ def cmd_data_build(args) -> None:
     from .errors import TaskError
     from .tasks import Mixture
     mixture = Mixture.from_recipe(args.recipe)
+    if not 0 <= args.worked_fraction <= 1:
+        raise TaskError(f"--worked-fraction must be in [0, 1], got {args.worked_fraction}")
     if args.held_out_n is not None:
         held_out = args.held_out_n
     elif 0 <= args.held_out_fraction <= 1:

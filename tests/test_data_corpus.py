@@ -80,6 +80,7 @@ def test_cli_data_build(tmp_path, capsys):
     (["--recipe", "no-such-recipe"], "no shipped recipe"),
     (["--recipe", "tasks-cpu-demo", "--held-out-fraction", "1.5"], "--held-out-fraction"),
     (["--recipe", "tasks-cpu-demo", "--held-out-n", "500"], "held_out"),
+    (["--recipe", "tasks-cpu-demo", "--worked-fraction", "-0.1"], "--worked-fraction"),
 ])
 def test_cli_data_build_bad_input_exits_2(tmp_path, capsys, extra, match):
     assert main(["data", "build", "--out", str(tmp_path / "c.jsonl"), "--n", "100", *extra]) == 2
