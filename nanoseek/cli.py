@@ -386,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     claims.add_argument("--json", action="store_true", help="print JSON")
     claims.set_defaults(func=cmd_claims)
 
-    for name, text in (("demo", "the main job: data -> tokenizer -> pretrain -> GRPO -> distill, evaluated, exported, "
-                                "reported (about 12 min on 2 CPU cores)"),
+    for name, text in (("demo", "the main job: data -> tokenizer -> pretrain -> GRPO (against an equal-time "
+                                "control) -> distil (against the student's own GRPO), evaluated, exported, reported "
+                                "(about 9 min on 2 CPU cores)"),
                        ("pipeline", "a multi-stage recipe: r1-zero, r1, demo, or your own")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--recipe", required=name == "pipeline",
