@@ -131,19 +131,19 @@ def harder(mixture: Mixture) -> Mixture:
     return Mixture(entries, f"{mixture.source}, one level harder")
 
 
-def level_side(problem, mixture: Mixture) -> str:
-    """'trained' for a problem at a level the mixture trains on, 'harder' for one above its family's top level."""
+def level_sides(problems: list, mixture: Mixture) -> list[str]:
+    """Per problem, 'trained' at a level the mixture trains on, 'harder' above its family's top level."""
     top = {e.family: e.difficulty[1] for e in mixture.entries}
-    return "harder" if problem.difficulty > top.get(problem.family, 0) else "trained"
+    return ["harder" if p.difficulty > top.get(p.family, 0) else "trained" for p in problems]
 
 
 def level_scores(report: dict, problems: list, mixture: Mixture) -> dict[str, float | None]:
     """pass@1 and its standard error on the problems at the mixture's trained levels and on those above them, from
     the report's per-problem scores (in the order of `problems`)."""
     from .evaluate import standard_error
-    out = {}
+    out, sides = {}, level_sides(problems, mixture)
     for side in ("trained", "harder"):
-        values = [v for p, v in zip(problems, report["per_problem"]) if level_side(p, mixture) == side]
+        values = [v for s, v in zip(sides, report["per_problem"]) if s == side]
         out[f"pass@1_{side}"] = sum(values) / len(values) if values else None
         out[f"pass@1_{side}_se"] = standard_error(values) if values else None
     return out
@@ -153,7 +153,7 @@ def gain(after: dict, before: dict, problems: list, mixture: Mixture) -> dict[st
     """after's pass@1 minus before's, with its paired standard error, overall and per side ('all', 'trained',
     'harder'): both evaluated on the same `problems`."""
     from .evaluate import paired_gain
-    sides = [level_side(p, mixture) for p in problems]
+    sides = level_sides(problems, mixture)
 
     def on(report: dict, side: str) -> dict:  # the report's per-problem scores on one side only
         return {"per_problem": [v for v, s in zip(report.get("per_problem") or [], sides) if s == side]}
@@ -325,7 +325,7 @@ def summary(run_dir: Path) -> list[str]:
     problems, mixture = read_jsonl(run_dir / "data" / "eval.jsonl"), Mixture.from_recipe(cfg.tasks)
     evals = {e["name"]: json.loads(path.read_text()) for e in cfg.stages
              if (path := run_dir / "evals" / f"{e['name']}.json").exists()}
-    sides = [sum(level_side(p, mixture) == side for p in problems) for side in ("trained", "harder")]
+    sides = [level_sides(problems, mixture).count(side) for side in ("trained", "harder")]
     lines = [f"Held-out pass@1 ± standard error ({sides[0]} problems at the trained levels, {sides[1]} one level "
              f"harder; {cfg.eval_samples} samples each at temperature {cfg.eval_temperature}, top-p {cfg.eval_top_p}):",
              f"  {'stage':<18}{'all':>15}{'trained':>15}{'harder':>15}{'thinking':>10}"]
