@@ -2,11 +2,19 @@
 
 Every sequence owns a row ("slot") of a preallocated absorbed-MLA cache holding only c^KV and k^R per token per
 layer. Requests admitted together are prefilled in one forward (right-padded: causal attention keeps the padding
-out of every real position, and decoding overwrites the padded cache entries before any query can see them); a
-prompt submitted several times (GRPO's G samples of one prompt) is prefilled once and its cache rows copied. Then
-all active sequences decode together, one token per step, each at its own position (rows of different lengths
-share one forward). Finished sequences free their slot at once (the last active row moves into it), so requests
-join and leave between decode steps.
+out of every real position, and decoding overwrites the padded cache entries before any query can see them), in
+chunks of `prefill_chunk` tokens so a long prompt never materialises a T x T score matrix; a prompt submitted
+several times (GRPO's G samples of one prompt) is prefilled once and its cache rows copied. Then all active
+sequences decode together, one token per step, each at its own position (rows of different lengths share one
+forward). Finished sequences free their slot at once (the last active row moves into it), so requests join and
+leave between decode steps.
+
+The decode step is one fixed-shape function (`decode_step`): the tokens, positions and per-row sampling settings
+go in as tensors, the model runs its fixed-shape path (`Transformer.forward(cache_len=...)`), and the sampled
+tokens and their log-probs come out; nothing in it depends on the values of the batch. With `compile=True` it
+(and speculation's draft and verify steps) run through `torch.compile` (inductor: fused C++ kernels on the CPU,
+CUDA graphs on a GPU), one graph per batch-size class, whatever the positions; the seconds spent compiling are
+counted in `warmup_seconds`, and where compilation fails the engine warns once and decodes eagerly.
 
 With `speculative=True` the MTP module drafts one token per step and the main model checks it in the same forward
 (two tokens per row): greedy output is identical to plain greedy, sampled output keeps its distribution
@@ -16,14 +24,18 @@ With `speculative=True` the MTP module drafts one token per step and the main mo
 from __future__ import annotations
 
 import itertools
+import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from torch._dynamo.utils import counters
 
 from .model import Transformer
 from .model.attention import LatentCache, positions_of
-from .sampling import SamplingError, SamplingParams, draw, log_probs, probabilities, speculative_accept
+from .sampling import (RowSettings, SamplingError, SamplingParams, draw_one, log_probs, probabilities, sample,
+                       speculative_accept)
 from .tokenizer import Tokenizer
 
 
@@ -61,21 +73,75 @@ class _Sequence:
         eos = [] if params.ignore_eos else [tok.eos_id]
         self.stop_ids = set(eos + list(params.stop_token_ids))
 
+    def uniform(self) -> float:
+        """The next uniform number of this request's own generator (none is used when greedy)."""
+        return 0.0 if self.params.greedy else float(torch.rand((), generator=self.generator))
+
+
+# ---- the fixed-shape steps (compiled with `compile=True`) -------------------------------------------------------------
+def decode_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: list[LatentCache],
+                cache_len: int, rows: RowSettings, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokens (B, 1) at positions pos (B,), each row's sampling settings and uniform number u (B,) -> the next
+    token of every row (B,), its reported log-prob (B,), and the final hidden state (B, D)."""
+    out = model(tokens, cache=cache, start_pos=pos, cache_len=cache_len)
+    token, logprob = sample(out.logits[:, -1], rows, u)
+    return token, logprob, out.hidden[:, -1]
+
+
+def verify_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: list[LatentCache],
+                cache_len: int, rows: RowSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speculation's check: tokens (B, 2) = [t_p, draft] at [p, p + 1] -> the main model's sampling distributions
+    (B, 2, V) and reported log-probs (B, 2, V) after each, and its hidden states (B, 2, D)."""
+    out = model(tokens, cache=cache, start_pos=pos, cache_len=cache_len)
+    twice = rows.repeat_interleave(2)
+    logits = out.logits.flatten(0, 1)
+    return (probabilities(logits, twice).view_as(out.logits), log_probs(logits, twice).view_as(out.logits),
+            out.hidden)
+
+
+def draft_step(model: Transformer, h: torch.Tensor, next_ids: torch.Tensor, pos: torch.Tensor,
+               cache: list[LatentCache], cache_len: int, rows: RowSettings) -> torch.Tensor:
+    """Speculation's draft: h (B, 2, D) = h_{p-2}, h_{p-1}, next_ids (B, 2) = t_{p-1}, t_p -> the distributions
+    (B, V) the draft for t_{p+1} is drawn from."""
+    return probabilities(mtp_logits(model, h, next_ids, cache, pos - 2, cache_len)[:, -1], rows)
+
+
+def mtp_logits(model: Transformer, h: torch.Tensor, next_ids: torch.Tensor, cache: list[LatentCache],
+               start_pos: int | torch.Tensor, cache_len: int | None = None) -> torch.Tensor:
+    """MTP depth 1 on the latent cache: h (B, T, D) main hidden states at positions p, next_ids (B, T) the tokens
+    at p + 1 -> draft logits (B, T, V) for the tokens at p + 2."""
+    rope = model.rope(positions_of(start_pos, h.shape[0], h.shape[1], h.device))
+    hk, _ = model.mtp[0](h, model.embed_tokens(next_ids), rope, cache[0], start_pos, cache_len)
+    return model.lm_head(hk)
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """`fn` through torch.compile, once per process: shapes dynamic (one graph per batch-size class, e.g. 1, a
+    few rows, many), the whole step one graph; CUDA graphs on a GPU."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+    return _COMPILED[fn]
+
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 16, max_len: int | None = None,
-                 speculative: bool = False):
+                 speculative: bool = False, compile: bool = False, prefill_chunk: int = 512):
         self.model, self.tok = model.eval(), tokenizer
         self.max_len = max_len or model.cfg.max_position_embeddings
         self.max_batch = max_batch
         if speculative and not model.mtp:
             raise SamplingError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1)")
-        self.speculative = speculative
+        self.speculative, self.compile, self.prefill_chunk = speculative, compile, prefill_chunk
         self.cache = model.new_cache(max_batch, self.max_len, mtp=speculative)
+        self.main_cache, self.mtp_cache = self.cache[:len(model.layers)], self.cache[len(model.layers):]
         self.active: list[_Sequence] = []
         self.waiting: deque[_Sequence] = deque()
         self.ids = itertools.count()
         self.drafted = self.accepted = 0
+        self.warmup_seconds = 0.0  # spent compiling (calls that built a new graph)
 
     @property
     def device(self) -> torch.device:
@@ -136,6 +202,22 @@ class Engine:
         self._free_finished()
         return events
 
+    def _run(self, step, *args):
+        """One fixed-shape step, compiled when asked (its compile seconds counted), eager where compiling fails."""
+        if not self.compile:
+            return step(*args)
+        graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+        try:
+            out = compiled(step)(*args)
+        except Exception as e:  # no C++ compiler, an operator inductor cannot lower, ...
+            warnings.warn(f"compiling {step.__name__} failed, decoding eagerly: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}", stacklevel=3)
+            self.compile = False
+            return step(*args)
+        if counters["stats"]["unique_graphs"] > graphs:
+            self.warmup_seconds += time.perf_counter() - t0
+        return out
+
     def _free_finished(self) -> None:
         """Drop finished rows; the last active row moves into each freed slot, so active rows stay 0..n-1."""
         slot = 0
@@ -151,13 +233,10 @@ class Engine:
                 self.active[slot] = self.active[last]
             self.active.pop()
 
-    def _slot_cache(self, start: int, end: int) -> list[LatentCache]:
-        """Views of the cache rows start..end-1 of every layer (main layers, then MTP)."""
-        return [LatentCache(c.kv[start:end], c.pe[start:end]) for c in self.cache]
-
     def _prefill(self, admitted: list[_Sequence]) -> list[Event]:
-        """Prefill the admitted sequences into the next free slots: each distinct prompt once, in one right-padded
-        forward, into the slots of its first sequence; its other sequences get copies of those cache rows."""
+        """Prefill the admitted sequences into the next free slots: each distinct prompt once, in right-padded
+        forwards of `prefill_chunk` tokens, into the slots of its first sequence; its other sequences get copies
+        of those cache rows."""
         by_prompt: dict[tuple[int, ...], list[_Sequence]] = {}
         for seq in admitted:
             by_prompt.setdefault(tuple(seq.c.prompt_ids), []).append(seq)
@@ -169,105 +248,89 @@ class Engine:
         for row, seq in enumerate(firsts):
             ids[row, :lengths[row]] = torch.tensor(seq.c.prompt_ids)
         ids = ids.to(self.device)
-        rows = self._slot_cache(first_slot, first_slot + len(firsts))
-        out = self.model(ids, cache=rows[:len(self.model.layers)])
-        if self.speculative and ids.shape[1] > 2:  # MTP entries (h_i, t_{i+1}) for i <= L-3; the draft does the rest
-            self._mtp(out.hidden[:, :-2], ids[:, 1:-1], rows[len(self.model.layers):], 0)
+        rows = slice(first_slot, first_slot + len(firsts))
+        main = [LatentCache(c.kv[rows], c.pe[rows]) for c in self.main_cache]
+        h = torch.cat([self.model(ids[:, s:s + self.prefill_chunk], cache=main, start_pos=s).hidden
+                       for s in range(0, ids.shape[1], self.prefill_chunk)], dim=1)  # (U, L, D)
+        if self.speculative:  # MTP entries (h_i, t_{i+1}) for i <= L-3; the draft does the rest
+            mtp = [LatentCache(c.kv[rows], c.pe[rows]) for c in self.mtp_cache]
+            for s in range(0, ids.shape[1] - 2, self.prefill_chunk):
+                e = min(s + self.prefill_chunk, ids.shape[1] - 2)
+                mtp_logits(self.model, h[:, s:e], ids[:, s + 1:e + 1], mtp, s)
         last = torch.tensor(lengths, device=self.device) - 1
-        logits = out.logits[torch.arange(len(firsts), device=self.device), last]  # (U, V)
+        logits = self.model.lm_head(h[torch.arange(len(firsts), device=self.device), last])  # (U, V)
         events, copy_slot = [], first_slot + len(firsts)
         for row, (group, n) in enumerate(zip(by_prompt.values(), lengths)):
             for seq in group:
-                seq.hidden = out.hidden[row, max(0, n - 2):n]
+                seq.hidden = h[row, max(0, n - 2):n]
             for _ in group[1:]:
                 for c in self.cache:
                     c.kv[copy_slot, :n] = c.kv[first_slot + row, :n]
                     c.pe[copy_slot, :n] = c.pe[first_slot + row, :n]
                 copy_slot += 1
-            events += self._accept_rows(group, logits[row].expand(len(group), -1))
+            events += self._sample_rows(group, logits[row].expand(len(group), -1))
         return events
 
+    def _sample_rows(self, rows: list[_Sequence], logits: torch.Tensor) -> list[Event]:
+        """Draw each row's next token from its logits (n, V) with the row's own settings and generator."""
+        u = torch.tensor([s.uniform() for s in rows], device=self.device)
+        tokens, logprobs = sample(logits, RowSettings.of([s.params for s in rows], self.device), u)
+        return [e for seq, t, lp in zip(rows, tokens.tolist(), logprobs.tolist()) for e in self._record(seq, t, lp)]
+
+    def _inputs(self, rows: list[_Sequence], tokens: list[list[int]]):
+        """The step's tensors: tokens (n, T), positions (n,), and each row's sampling settings."""
+        return (torch.tensor(tokens, device=self.device), torch.tensor([s.pos for s in rows], device=self.device),
+                RowSettings.of([s.params for s in rows], self.device))
+
     def _decode(self) -> list[Event]:
-        tokens = torch.tensor([[s.pending] for s in self.active], device=self.device)
-        pos = torch.tensor([s.pos for s in self.active], device=self.device)
-        out = self.model(tokens, cache=self._main_cache(), start_pos=pos)
         rows = list(self.active)
-        for seq, h in zip(rows, out.hidden[:, -1]):
+        tokens, pos, settings = self._inputs(rows, [[s.pending] for s in rows])
+        u = torch.tensor([s.uniform() for s in rows], device=self.device)
+        cache_len = max(s.pos for s in rows) + 1
+        token, logprob, hidden = self._run(decode_step, self.model, tokens, pos, self.main_cache, cache_len,
+                                           settings, u)
+        events = []
+        for seq, h, t, lp in zip(rows, hidden, token.tolist(), logprob.tolist()):
             seq.pos += 1
             seq.prev = seq.pending
             if self.speculative:  # the MTP draft reads the last two hidden states
                 seq.hidden = torch.stack([seq.hidden[-1], h])
-        return self._accept_rows(rows, out.logits[:, -1])
-
-    def _main_cache(self) -> list[LatentCache]:
-        n = len(self.active)
-        return [LatentCache(c.kv[:n], c.pe[:n]) for c in self.cache[:len(self.model.layers)]]
-
-    def _mtp(self, h: torch.Tensor, next_ids: torch.Tensor, cache: list[LatentCache], start_pos) -> torch.Tensor:
-        """MTP depth 1 on the latent cache: h (B, T, D) main hidden states at positions p, next_ids (B, T) the
-        tokens at p + 1 -> draft logits (B, T, V) for the tokens at p + 2."""
-        model = self.model
-        rope = model.rope(positions_of(start_pos, h.shape[0], h.shape[1], self.device))
-        hk, _ = model.mtp[0](h, model.embed_tokens(next_ids), rope, cache[0], start_pos)
-        return model.lm_head(hk)
+            events += self._record(seq, t, lp)
+        return events
 
     def _decode_speculative(self) -> list[Event]:
         """MTP drafts t_{p+1} from (h_{p-1}, pending t_p); the main model takes [t_p, draft] at [p, p + 1] and its
-        two logits check the draft and give the token after it. At the start of a step a row holds main entries
-        0..p-1 and MTP entries (h_i, t_{i+1}) for i <= p-3; the draft call writes entries p-2 and p-1 (p-2 is new
-        after an accepted draft, else rewritten unchanged), so every model call covers the whole batch."""
+        two distributions check the draft and give the token after it. At the start of a step a row holds main
+        entries 0..p-1 and MTP entries (h_i, t_{i+1}) for i <= p-3; the draft call writes entries p-2 and p-1 (p-2
+        is new after an accepted draft, else rewritten unchanged), so every model call covers the whole batch."""
         rows = list(self.active)
-        n = len(rows)
-        mtp_cache = [LatentCache(c.kv[:n], c.pe[:n]) for c in self.cache[len(self.model.layers):]]
-        pending = torch.tensor([[s.prev, s.pending] for s in rows], device=self.device)
-        pos = torch.tensor([s.pos for s in rows], device=self.device)
+        pending, pos, settings = self._inputs(rows, [[s.prev, s.pending] for s in rows])
         h = torch.stack([s.hidden for s in rows])  # (n, 2, D): h_{p-2}, h_{p-1}
-        draft_logits = self._mtp(h, pending, mtp_cache, pos - 2)[:, -1].float().cpu()
+        reach = max(s.pos for s in rows)
+        q = self._run(draft_step, self.model, h, pending, pos, self.mtp_cache, reach, settings).cpu()
         if not all(s.pos + 1 < self.max_len and len(s.c.token_ids) + 1 < s.params.max_new_tokens for s in rows):
             return self._decode()  # a row has room for one more token only
-        q, _ = self._distributions(rows, draft_logits)
-        drafts = [draw(q[i], s.generator) for i, s in enumerate(rows)]
+        drafts = [draw_one(q[i], s.generator) if not s.params.greedy else int(q[i].argmax())
+                  for i, s in enumerate(rows)]
         tokens = torch.tensor([[s.pending, d] for s, d in zip(rows, drafts)], device=self.device)
-        out = self.model(tokens, cache=self._main_cache(), start_pos=pos)
-        (p, logp), (p_next, logp_next) = (self._distributions(rows, out.logits[:, t]) for t in (0, 1))
+        p, logp, hidden = self._run(verify_step, self.model, tokens, pos, self.main_cache, reach + 2, settings)
+        p, logp = p.cpu(), logp.cpu()
         events = []
         for i, seq in enumerate(rows):
-            kept, token = speculative_accept(p[i], q[i], drafts[i], seq.generator)
+            kept, token = speculative_accept(p[i, 0], q[i], drafts[i], seq.generator)
             self.drafted += 1
             seq.pos += 1
-            seq.hidden, seq.prev = torch.stack([seq.hidden[-1], out.hidden[i, 0]]), seq.pending
-            events += self._record(seq, token, float(logp[i, token]))
+            seq.hidden, seq.prev = torch.stack([seq.hidden[-1], hidden[i, 0]]), seq.pending
+            events += self._record(seq, token, float(logp[i, 0, token]))
             if kept and seq.c.finish_reason is None:
                 self.accepted += 1
                 seq.pos += 1
-                seq.hidden, seq.prev = out.hidden[i, :2], token
-                after = draw(p_next[i], seq.generator)
-                events += self._record(seq, after, float(logp_next[i, after]))
+                seq.hidden, seq.prev = hidden[i, :2], token
+                after = draw_one(p[i, 1], seq.generator) if not seq.params.greedy else int(p[i, 1].argmax())
+                events += self._record(seq, after, float(logp[i, 1, after]))
         return events
 
     # ---- tokens in, events out -----------------------------------------------------------------------------------
-    def _distributions(self, rows: list[_Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits (n, V) -> each row's sampling distribution and reported log-probs (n, V) under its own settings
-        (sampling.probabilities, sampling.log_probs); rows with the same settings are computed together."""
-        logits = logits.float().cpu()
-        probs, logp = torch.empty_like(logits), torch.empty_like(logits)
-        by_settings: dict[tuple, list[int]] = {}
-        for i, seq in enumerate(rows):
-            by_settings.setdefault((seq.params.temperature, seq.params.top_k, seq.params.top_p), []).append(i)
-        for members in by_settings.values():
-            params = rows[members[0]].params
-            probs[members], logp[members] = probabilities(logits[members], params), log_probs(logits[members], params)
-        return probs, logp
-
-    def _accept_rows(self, rows: list[_Sequence], logits: torch.Tensor) -> list[Event]:
-        """Draw each row's next token from its logits (n, V) with the row's own generator."""
-        probs, logp = self._distributions(rows, logits)
-        events = []
-        for i, seq in enumerate(rows):
-            token = draw(probs[i], seq.generator)
-            events += self._record(seq, token, float(logp[i, token]))
-        return events
-
     def _record(self, seq: _Sequence, token: int, logprob: float) -> list[Event]:
         """Append a token (and its log-prob, see sampling.log_probs) and check the stop conditions."""
         if seq.c.finish_reason is not None:

@@ -9,8 +9,10 @@ d = argmax p", so speculative greedy output is identical to plain greedy output.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .errors import NanoseekError
 
@@ -45,40 +47,74 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits (..., V) -> the distribution a token is drawn from: softmax(logits / T) cut to the top-k and the
-    top-p nucleus and renormalised; one-hot on the argmax when greedy."""
-    logits = logits.float()
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if params.top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= params.top_p  # tokens after the nucleus is full
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+class RowSettings(NamedTuple):
+    """Each row's sampling settings as tensors (B,), so one batch of rows is sampled in one pass, and the cheapest
+    way to sample them all: "greedy" (every row), "temperature" (no row cuts its distribution) or "truncated"
+    (some row has a top-k or top-p: the distributions are sorted)."""
+    temperature: torch.Tensor  # 0: greedy
+    top_k: torch.Tensor  # 0: no limit
+    top_p: torch.Tensor
+    mode: str
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device=None) -> "RowSettings":
+        mode = ("greedy" if all(p.greedy for p in params) else
+                "truncated" if any(p.top_k or p.top_p < 1 for p in params if not p.greedy) else "temperature")
+        return cls(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+                   torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+                   torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device), mode)
+
+    def repeat_interleave(self, n: int) -> "RowSettings":
+        """Each row's settings n times in a row (n positions per row)."""
+        return RowSettings(*(t.repeat_interleave(n) for t in self[:3]), self.mode)
 
 
-def log_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The log-probabilities reported with each token: log softmax(logits / T), or of the raw logits when greedy
-    (before top-k / top-p, as policy-gradient methods need them)."""
-    return (logits.float() / (params.temperature or 1.0)).log_softmax(-1)
+def probabilities(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
+    """logits (B, V) -> the distribution each row's token is drawn from (B, V): softmax(logits / T) cut to the
+    top-k and the top-p nucleus and renormalised; one-hot on the (first) argmax when greedy. Fixed shapes, no
+    branches on values: the compiled decode step runs it."""
+    argmax = F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    if rows.mode == "greedy":
+        return argmax
+    greedy = rows.temperature == 0
+    scaled = logits.float() / torch.where(greedy, 1.0, rows.temperature)[:, None]
+    if rows.mode == "temperature":
+        return torch.where(greedy[:, None], argmax, scaled.softmax(-1))
+    ranked, order = scaled.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    beyond_k = (rows.top_k[:, None] > 0) & (rank >= rows.top_k[:, None])
+    probs = ranked.masked_fill(beyond_k, float("-inf")).softmax(-1)
+    beyond_p = probs.cumsum(-1) - probs >= rows.top_p[:, None]  # tokens after the nucleus is full
+    probs = probs.masked_fill(beyond_p, 0.0)
+    probs = torch.zeros_like(probs).scatter(-1, order, probs / probs.sum(-1, keepdim=True))
+    return torch.where(greedy[:, None], argmax, probs)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from a (V,) distribution: the CDF inverted at one uniform number (a few times faster than
-    `torch.multinomial` over a vocabulary, which dominated the sampling loop)."""
-    if (probs == 1).any():
-        return int(probs.argmax())
+def log_probs(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
+    """The log-probabilities reported with each token (B, V): log softmax(logits / T), or of the raw logits when
+    greedy (before top-k / top-p, as policy-gradient methods need them)."""
+    temperature = torch.where(rows.temperature == 0, 1.0, rows.temperature)
+    return (logits.float() / temperature[:, None]).log_softmax(-1)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of probs (B, V), the CDF inverted at each row's uniform number u (B,) in [0, 1): the first
+    token whose CDF exceeds u times the total, so a token of probability 0 is never drawn."""
     cdf = probs.cumsum(-1)
-    u = torch.rand((), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[-1]
-    token = int(torch.searchsorted(cdf, u, right=True))  # the first token whose CDF exceeds u: p(token) > 0
-    return token if token < len(probs) else int(probs.nonzero()[-1])  # u * total rounded up to the total
+    token = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1)
+    last_possible = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)  # u * total rounded up to the total
+    return torch.minimum(token, last_possible)
+
+
+def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from a (V,) distribution with `generator`'s next uniform number."""
+    return int(draw(probs[None], torch.rand(1, generator=generator, device=probs.device))[0])
+
+
+def sample(logits: torch.Tensor, rows: RowSettings, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V), uniforms u (B,) -> each row's token (B,) and its reported log-prob (B,)."""
+    token = logits.argmax(-1) if rows.mode == "greedy" else draw(probabilities(logits, rows), u)
+    return token, log_probs(logits, rows).gather(-1, token[:, None])[:, 0]
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int,
@@ -89,4 +125,4 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int,
         return True, draft
     residual = (p - q).clamp(min=0)
     total = residual.sum()
-    return False, draw(residual / total if total > 0 else p, generator)
+    return False, draw_one(residual / total if total > 0 else p, generator)

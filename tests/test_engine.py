@@ -5,7 +5,8 @@ import torch
 
 from nanoseek import Transformer
 from nanoseek.engine import Engine, IdsOnly
-from nanoseek.sampling import SamplingError, SamplingParams, draw, probabilities, speculative_accept
+from nanoseek.sampling import (RowSettings, SamplingError, SamplingParams, draw_one, probabilities,
+                               speculative_accept)
 
 from .conftest import tiny_config
 
@@ -36,6 +37,15 @@ def test_greedy_matches_full_forward_at_every_batch_size(model, tok):
         got = Engine(model, tok, max_batch=max_batch, max_len=64).generate(PROMPTS, params)
         assert [c.token_ids for c in got] == expected
         assert all(c.finish_reason == "length" and len(c.logprobs) == 12 for c in got)
+
+
+def test_chunked_prefill_gives_the_same_tokens(model, tok):
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    whole = Engine(model, tok, max_batch=5, max_len=64).generate(PROMPTS, params)
+    chunked = Engine(model, tok, max_batch=5, max_len=64, prefill_chunk=3).generate(PROMPTS, params)
+    assert [c.token_ids for c in chunked] == [c.token_ids for c in whole]
+    assert all(torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+               for a, b in zip(chunked, whole))
 
 
 def test_rows_of_different_lengths_join_mid_flight(model, tok):
@@ -170,22 +180,55 @@ def test_speculative_sampling_keeps_the_target_distribution():
         draft = int(torch.multinomial(q, 1, generator=g))
         counts[speculative_accept(p, q, draft, g)[1]] += 1
     assert torch.allclose(counts / n, p, atol=0.015)
-    greedy = SamplingParams()
-    logits = torch.tensor([0.1, 2.0, 0.3])
-    assert speculative_accept(probabilities(logits, greedy), probabilities(torch.tensor([3.0, 0, 0]), greedy), 0,
-                              None) == (False, 1)
+    p, q = probabilities(torch.tensor([[0.1, 2.0, 0.3], [3.0, 0, 0]]), RowSettings.of([SamplingParams()] * 2))
+    assert speculative_accept(p, q, 0, None) == (False, 1)
 
 
 def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
-    counts = torch.bincount(torch.tensor([draw(p, g) for _ in range(20000)]), minlength=6)
+    counts = torch.bincount(torch.tensor([draw_one(p, g) for _ in range(20000)]), minlength=6)
     assert torch.allclose(counts / 20000, p, atol=0.015) and counts[p == 0].sum() == 0
-    assert draw(torch.tensor([0.0, 1.0, 0.0]), g) == 1
+    assert draw_one(torch.tensor([0.0, 1.0, 0.0]), g) == 1
 
 
 def test_top_k_and_top_p_cut_the_distribution():
     logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
-    assert (probabilities(logits, SamplingParams(temperature=1.0, top_k=2))[2:] == 0).all()
-    p = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.7))
-    assert p[0] > 0 and p[1] > 0 and (p[2:] == 0).all() and torch.isclose(p.sum(), torch.tensor(1.0))
+    settings = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_p=0.7),
+                SamplingParams(temperature=1.0), SamplingParams()]
+    top_k, top_p, free, greedy = probabilities(logits.roll(2).expand(4, -1), RowSettings.of(settings)).roll(-2, 1)
+    assert (top_k[2:] == 0).all() and torch.isclose(top_k[:2].sum(), torch.tensor(1.0))
+    assert top_p[0] > 0 and top_p[1] > 0 and (top_p[2:] == 0).all() and torch.isclose(top_p.sum(), torch.tensor(1.0))
+    assert torch.allclose(free, logits.softmax(-1)) and greedy.tolist() == [1.0, 0, 0, 0, 0]
+
+
+@pytest.mark.slow
+def test_compiled_steps_give_the_eager_tokens(model, cyclic_model, tok):
+    """torch.compile'd decode, draft and verify steps: the same greedy tokens and log-probs as eager, at batch 1
+    (gathered experts) and 5 (all experts), plain and speculative; the compile seconds are counted."""
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    for m, speculative in ((model, False), (cyclic_model, True)):
+        for prompts in (PROMPTS[:1], PROMPTS):
+            eager, fast = (Engine(m, tok, max_batch=len(prompts), max_len=64, speculative=speculative,
+                                  compile=compile) for compile in (False, True))
+            expected, got = eager.generate(prompts, params), fast.generate(prompts, params)
+            assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+            assert all(torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+                       for a, b in zip(got, expected))
+            assert fast.compile
+    assert fast.warmup_seconds > 0
+
+
+def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(model, tok, monkeypatch):
+    def broken(fn):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler\nmore detail")
+        return fail
+
+    monkeypatch.setattr("nanoseek.engine.compiled", broken)
+    engine = Engine(model, tok, max_batch=2, max_len=64, compile=True)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    with pytest.warns(UserWarning, match="decode_step failed, decoding eagerly: RuntimeError: no C.. compiler$"):
+        got = engine.generate(PROMPTS[:2], params)
+    assert not engine.compile
+    assert [c.token_ids for c in got] == [reference_greedy(model, p, 6) for p in PROMPTS[:2]]

@@ -155,19 +155,36 @@ def test_gate_keeps_to_the_best_groups():
     assert torch.allclose(weights.sum(-1), torch.full((256,), cfg.routed_scaling_factor))
 
 
-def test_grouped_experts_equal_a_per_expert_loop():
+@pytest.mark.parametrize("tokens", [1, 30])  # fixed shape: 1 token gathers its experts, 30 run all 4 densely
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_grouped_experts_equal_a_per_expert_loop(tokens, fixed_shape):
     experts = Experts(4, 16, 8)
     for p in experts.parameters():
         torch.nn.init.normal_(p)
-    x = torch.randn(30, 16)
-    weights, indices = torch.rand(30, 2), torch.stack([torch.randperm(4)[:2] for _ in range(30)])
-    y, counts = experts(x, weights, indices)
+    x = torch.randn(tokens, 16)
+    weights, indices = torch.rand(tokens, 2), torch.stack([torch.randperm(4)[:2] for _ in range(tokens)])
+    y, counts = (experts.forward_fixed if fixed_shape else experts)(x, weights, indices)
     ref = torch.zeros_like(x)
-    for t in range(30):
+    for t in range(tokens):
         for w, e in zip(weights[t], indices[t]):
             h = torch.nn.functional.silu(experts.gate_proj[e] @ x[t]) * (experts.up_proj[e] @ x[t])
             ref[t] += w * (experts.down_proj[e] @ h)
     assert torch.allclose(y, ref, atol=1e-4) and counts.tolist() == torch.bincount(indices.flatten(), minlength=4).tolist()
+
+
+def test_fixed_shape_decoding_matches_the_full_forward():
+    """Rows at different positions, positions given as a tensor and the cache length as an int (the compiled path)."""
+    model = Transformer(tiny_config()).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 24))
+    start = torch.tensor([10, 16, 20])
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(3, 24)
+        model(ids, cache=cache)
+        steps = [model(ids[torch.arange(3), start + t, None], cache=cache, start_pos=start + t,
+                       cache_len=int(start.max()) + t + 1).logits[:, 0] for t in range(4)]
+    assert torch.allclose(torch.stack(steps, 1), full[torch.arange(3)[:, None], start[:, None] + torch.arange(4)],
+                          atol=1e-5)
 
 
 @pytest.mark.parametrize("dim", [3, 8])  # 3: unaligned, the per-expert fallback; 8: one grouped GEMM

@@ -74,10 +74,11 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)
         self.scale = softmax_scale(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: LatentCache | None = None,
+                start_pos: int | torch.Tensor = 0, cache_len: int | None = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). With a cache, x holds positions start_pos..start_pos+T-1 and attends to the
-        cached prefix too (absorbed path); without one, x is a whole causal sequence (naive path)."""
+        cached prefix too (absorbed path; `cache_len`, when given, bounds the positions any row reaches, so none
+        is read back from the tensor); without one, x is a whole causal sequence (naive path)."""
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -90,7 +91,7 @@ class MLA(nn.Module):
         if cache is None:
             out = self._naive(q_nope, q_pe, c_kv, k_pe)
         else:
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe.squeeze(2), cache, start_pos)
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe.squeeze(2), cache, start_pos, cache_len)
         return self.o_proj(out.flatten(2))
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
@@ -106,7 +107,8 @@ class MLA(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
         return out[..., :cfg.v_head_dim].transpose(1, 2)  # (B, T, H, d_v)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, cache: LatentCache, start_pos: int | torch.Tensor) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, cache: LatentCache, start_pos: int | torch.Tensor,
+                  cache_len: int | None) -> torch.Tensor:
         """Row b holds positions start_pos[b]..start_pos[b]+T-1 (start_pos an int or (B,) tensor); each query sees
         the keys at positions up to its own, so rows of different lengths decode together."""
         cfg = self.cfg
@@ -120,7 +122,7 @@ class MLA(nn.Module):
             rows = torch.arange(B, device=pos.device)[:, None].expand(B, T)
             cache.kv[rows, pos] = c_kv
             cache.pe[rows, pos] = k_pe
-            end = int(pos.max()) + 1
+            end = int(pos.max()) + 1 if cache_len is None else cache_len
         kv, pe = cache.kv[:B, :end], cache.pe[:B, :end]  # (B, S, d_c), (B, S, d_h^R)
         w_kv_b = self.kv_b_proj.weight.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w_kv_b[:, :cfg.qk_nope_head_dim], w_kv_b[:, cfg.qk_nope_head_dim:]

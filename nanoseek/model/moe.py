@@ -104,6 +104,26 @@ class Experts(nn.Module):
         ys = ys * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys), counts
 
+    def forward_fixed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` without data-dependent shapes (the compiled decode step): while the N tokens choose fewer
+        slots than there are experts (N K < E), each gathers its K experts' weights; otherwise every token runs
+        every expert, weighted zero where not chosen (cheaper than gathering N K weight copies). Unsharded
+        experts in the weights' own precision."""
+        N, K = indices.shape
+        E, I, D = self.gate_proj.shape
+        flat = indices.flatten()
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
+        g = weights.to(x.dtype)
+        if N * K < E:
+            h = F.silu(torch.einsum("nd,nkid->nki", x, self.gate_proj[indices]))
+            h = h * torch.einsum("nd,nkid->nki", x, self.up_proj[indices]) * g[..., None]
+            return torch.einsum("nki,nkdi->nd", h, self.down_proj[indices]), counts
+        chosen = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, g)  # (N, E): g_i, or 0
+        h = F.silu(F.linear(x, self.gate_proj.view(E * I, D))) * F.linear(x, self.up_proj.view(E * I, D))
+        h = h.view(N, E, I) * chosen[..., None]
+        return torch.bmm(h.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0), counts  # (E, N, D) -> (N, D)
+
     def mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows xs (M, D) sorted by (local) expert, counts (E_local,) -> each row through its expert (M, D)."""
         h = F.silu(self.grouped_linear(xs, self.gate_proj, counts)) * self.grouped_linear(xs, self.up_proj, counts)
@@ -161,15 +181,16 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, fixed_shape: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x (B, T, D) -> (B, T, D), tokens routed to each expert (E,) (only those token_mask (B, T) marks, when
         given: padding is routed but not counted), and in training mode the sequence-wise balance statistic (a
-        scalar, see `sequence_balance`), else None."""
+        scalar, see `sequence_balance`), else None. fixed_shape: `Experts.forward_fixed`."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(x)
-        y, counts = self.experts(x, weights, indices)
+        experts = self.experts.forward_fixed if fixed_shape else self.experts
+        y, counts = experts(x, weights, indices)
         if token_mask is not None:
             counts = torch.bincount(indices[token_mask.flatten()].flatten(), minlength=counts.shape[0])
         if self.shared_experts is not None:

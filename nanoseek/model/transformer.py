@@ -32,12 +32,14 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, cache: LatentCache | None = None, start_pos: int = 0, token_mask=None):
-        """x (B, T, D) -> (B, T, D), and for a MoE layer (tokens per expert (E,), balance statistic), else None."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start_pos)
+    def forward(self, x, rope, cache: LatentCache | None = None, start_pos: int = 0, token_mask=None,
+                cache_len: int | None = None):
+        """x (B, T, D) -> (B, T, D), and for a MoE layer (tokens per expert (E,), balance statistic), else None.
+        `cache_len` given: the fixed-shape path (see Transformer.forward)."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start_pos, cache_len)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            h, counts, balance = self.mlp(h, token_mask)
+            h, counts, balance = self.mlp(h, token_mask, fixed_shape=cache_len is not None)
             return x + h, (counts, balance)
         return x + self.mlp(h), None
 
@@ -55,11 +57,12 @@ class MTPLayer(Block):
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev, emb, rope, cache: LatentCache | None = None, start_pos: int = 0):
+    def forward(self, h_prev, emb, rope, cache: LatentCache | None = None, start_pos: int = 0,
+                cache_len: int | None = None):
         """h_prev, emb (B, T, D) -> normed hidden state h^k (B, T, D) ready for the shared head, and the block's
         routing statistics (as Block.forward)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        x, routing = super().forward(x, rope, cache, start_pos)
+        x, routing = super().forward(x, rope, cache, start_pos, cache_len=cache_len)
         return self.shared_head.norm(x), routing
 
 
@@ -107,14 +110,19 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: list[LatentCache] | None = None,
                 start_pos: int | torch.Tensor = 0, return_mtp: bool | None = None,
-                token_mask: torch.Tensor | None = None) -> ModelOutput:
+                token_mask: torch.Tensor | None = None, cache_len: int | None = None) -> ModelOutput:
         """input_ids (B, T). Without a cache: the whole causal sequence (training). With one: tokens at positions
         start_pos.. that attend to the cached prefix (decoding); start_pos may be a (B,) tensor, one per row.
         MTP logits by default only without a cache. token_mask (B, T): the tokens the main layers' router counts
-        include (right-padding excluded); default all."""
+        include (right-padding excluded); default all. cache_len (with a cache and tensor start_pos): no row
+        reaches past position cache_len - 1; given, the forward has no data-dependent shapes (nothing is read
+        back from a tensor and the routed experts run without sorting tokens), so it compiles to one graph."""
         B, T = input_ids.shape
         positions = positions_of(start_pos, B, T, input_ids.device)
-        last = start_pos + T if isinstance(start_pos, int) else int(positions.max()) + 1
+        if cache_len is not None:
+            last = cache_len
+        else:
+            last = start_pos + T if isinstance(start_pos, int) else int(positions.max()) + 1
         if last > self.cfg.max_position_embeddings:
             raise ValueError(f"sequence of {last} tokens exceeds max_position_embeddings "
                              f"({self.cfg.max_position_embeddings})")
@@ -122,7 +130,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         routing = []
         for i, layer in enumerate(self.layers):
-            x, r = layer(x, rope, cache[i] if cache else None, start_pos, token_mask)
+            x, r = layer(x, rope, cache[i] if cache else None, start_pos, token_mask, cache_len)
             routing.append(r)
         h = self.norm(x)
         out = ModelOutput(logits=self.lm_head(h), hidden=h)

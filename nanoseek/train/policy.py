@@ -34,7 +34,7 @@ from ..cost import flops_per_token
 from ..engine import Completion, Engine
 from ..errors import TrainError
 from ..model import Transformer
-from ..sampling import SamplingParams, draw, probabilities
+from ..sampling import RowSettings, SamplingParams, draw, probabilities
 from ..tasks import Problem
 from ..tokenizer import Tokenizer
 
@@ -147,7 +147,7 @@ class RowSampler:
     generator), and leaves only that token possible, so `generate` in greedy mode emits it."""
 
     def __init__(self, params: list[SamplingParams], device: torch.device):
-        self.params = params
+        self.rows = RowSettings.of(params, device)
         self.generators = []
         for p in params:
             g = torch.Generator(device=device)
@@ -155,11 +155,10 @@ class RowSampler:
             self.generators.append(g)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        chosen = []
-        for row, (p, g) in enumerate(zip(self.params, self.generators)):
-            chosen.append(draw(probabilities(scores[row], p), g))
+        u = torch.cat([torch.rand(1, generator=g, device=scores.device) for g in self.generators])
+        chosen = draw(probabilities(scores, self.rows), u)
         out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, torch.tensor(chosen, device=scores.device)[:, None], 0.0)
+        out.scatter_(1, chosen[:, None], 0.0)
         return out
 
 
