@@ -5,7 +5,9 @@ HF directory), see the same batches, and take turns step by step so that machine
 measured against this machine's fp32 matmul peak, timed in the same run. The training step is forward + backward +
 AdamW on the next-token loss (MTP off on both sides, since transformers has no MTP; a last row adds our MTP loss).
 Transformers runs twice: with its default grouped_mm experts and with its per-expert loop (`experts_implementation`
-"eager"). Decoding is compared in benchmarks/decode.py.
+"eager"). A second copy of nanoseek's model runs through `torch.compile` (the `compile: true` training setting);
+its first step, where it compiles, is timed apart and reported as warm-up. Decoding is compared in
+benchmarks/decode.py.
 
     python benchmarks/model_throughput.py [--preset small] [--batch 8] [--seq 256] [--steps 6] [--out FILE.json]
 """
@@ -13,6 +15,7 @@ Transformers runs twice: with its default grouped_mm experts and with its per-ex
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -78,18 +81,26 @@ def main() -> None:
         hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)  # grouped_mm experts
         hf_loop = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32,
                                                                      experts_implementation="eager")
-    models = (ours, hf, hf_loop)
+    compiled = copy.deepcopy(ours)
+    models = (ours, compiled, hf, hf_loop)
     for m in models:
         m.train()
     opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1) for m in models}
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
 
+    compiled_forward = torch.compile(compiled)
+    t0 = time.perf_counter()
+    nanoseek_step(compiled_forward, opts[compiled], ids, mtp=False)
+    warmup = time.perf_counter() - t0
+
     peak = matmul_peak()
     flops = flops_per_token(cfg, args.seq)
-    train_flops = {"nanoseek": flops["training"], "transformers": flops["training"],
+    train_flops = {"nanoseek": flops["training"], "nanoseek, compiled": flops["training"],
+                   "transformers": flops["training"],
                    "transformers, expert loop": flops["training"], "nanoseek+MTP": flops["training"] + flops["mtp_training"]}
     secs = timed_interleaved({
         "nanoseek": lambda: nanoseek_step(ours, opts[ours], ids, mtp=False),
+        "nanoseek, compiled": lambda: nanoseek_step(compiled_forward, opts[compiled], ids, mtp=False),
         "transformers": lambda: hf_step(hf, opts[hf], ids),
         "transformers, expert loop": lambda: hf_step(hf_loop, opts[hf_loop], ids),
         "nanoseek+MTP": lambda: nanoseek_step(ours, opts[ours], ids, mtp=True),
@@ -99,7 +110,7 @@ def main() -> None:
                     "mfu": tokens / s * train_flops[name] / peak} for name, s in secs.items()}
 
     result = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads(),
-              "fp32_matmul_peak_gflops": peak / 1e9, "train": train,
+              "fp32_matmul_peak_gflops": peak / 1e9, "train": train, "compile_warmup_seconds": warmup,
               "train_speedup_vs_transformers": train["nanoseek"]["tokens_per_s"] / train["transformers"]["tokens_per_s"]}
     print(f"{args.preset} preset, batch {args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads; "
           f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
@@ -108,6 +119,8 @@ def main() -> None:
         print(f"  {name:<30}{r['seconds_per_step']:>9.3f}{r['tokens_per_s']:>11.0f}{r['mfu']:>8.1%}")
     print(f"  nanoseek / transformers: {result['train_speedup_vs_transformers']:.2f}x; nanoseek / transformers with its "
           f"per-expert loop: {train['nanoseek']['tokens_per_s'] / train['transformers, expert loop']['tokens_per_s']:.2f}x")
+    print(f"  compiled / eager nanoseek: {train['nanoseek, compiled']['tokens_per_s'] / train['nanoseek']['tokens_per_s']:.2f}x"
+          f", after {warmup:.1f} s of warm-up (compiling)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

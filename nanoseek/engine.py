@@ -13,8 +13,8 @@ The decode step is one fixed-shape function (`decode_step`): the tokens, positio
 go in as tensors, the model runs its fixed-shape path (`Transformer.forward(cache_len=...)`), and the sampled
 tokens and their log-probs come out; nothing in it depends on the values of the batch. With `compile=True` it
 (and speculation's draft and verify steps) run through `torch.compile` (inductor: fused C++ kernels on the CPU,
-CUDA graphs on a GPU), one graph per batch-size class, whatever the positions; the seconds spent compiling are
-counted in `warmup_seconds`, and where compilation fails the engine warns once and decodes eagerly.
+Triton on a GPU), two graphs per step (one row, any other number), whatever the positions; the seconds spent
+compiling are counted in `warmup_seconds`, and where compilation fails the engine warns once and decodes eagerly.
 
 With `speculative=True` the MTP module drafts one token per step and the main model checks it in the same forward
 (two tokens per row): greedy output is identical to plain greedy, sampled output keeps its distribution
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch._dynamo.utils import counters
+from torch.fx.experimental import _config as fx_config
 
 from .model import Transformer
 from .model.attention import LatentCache, positions_of
@@ -78,7 +79,7 @@ class _Sequence:
         return 0.0 if self.params.greedy else float(torch.rand((), generator=self.generator))
 
 
-# ---- the fixed-shape steps (compiled with `compile=True`) -------------------------------------------------------------
+# ---- the fixed-shape steps (compiled with `compile=True`) ---------------------------------------------------------
 def decode_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: list[LatentCache],
                 cache_len: int, rows: RowSettings, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """tokens (B, 1) at positions pos (B,), each row's sampling settings and uniform number u (B,) -> the next
@@ -119,8 +120,9 @@ _COMPILED: dict = {}
 
 
 def compiled(fn):
-    """`fn` through torch.compile, once per process: shapes dynamic (one graph per batch-size class, e.g. 1, a
-    few rows, many), the whole step one graph; CUDA graphs on a GPU."""
+    """`fn` through torch.compile, once per process: the whole step one graph, shapes dynamic (one graph for one
+    row, one for any other number; `Engine._run` turns off duck sizing, which would tie a batch of 16 to the 16
+    experts and compile it apart)."""
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
     return _COMPILED[fn]
@@ -136,7 +138,6 @@ class Engine:
             raise SamplingError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1)")
         self.speculative, self.compile, self.prefill_chunk = speculative, compile, prefill_chunk
         self.cache = model.new_cache(max_batch, self.max_len, mtp=speculative)
-        self.main_cache, self.mtp_cache = self.cache[:len(model.layers)], self.cache[len(model.layers):]
         self.active: list[_Sequence] = []
         self.waiting: deque[_Sequence] = deque()
         self.ids = itertools.count()
@@ -208,7 +209,8 @@ class Engine:
             return step(*args)
         graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
         try:
-            out = compiled(step)(*args)
+            with fx_config.patch(use_duck_shape=False):
+                out = compiled(step)(*args)
         except Exception as e:  # no C++ compiler, an operator inductor cannot lower, ...
             warnings.warn(f"compiling {step.__name__} failed, decoding eagerly: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}", stacklevel=3)
@@ -248,12 +250,10 @@ class Engine:
         for row, seq in enumerate(firsts):
             ids[row, :lengths[row]] = torch.tensor(seq.c.prompt_ids)
         ids = ids.to(self.device)
-        rows = slice(first_slot, first_slot + len(firsts))
-        main = [LatentCache(c.kv[rows], c.pe[rows]) for c in self.main_cache]
+        main, mtp = self._rows(first_slot, first_slot + len(firsts))
         h = torch.cat([self.model(ids[:, s:s + self.prefill_chunk], cache=main, start_pos=s).hidden
                        for s in range(0, ids.shape[1], self.prefill_chunk)], dim=1)  # (U, L, D)
         if self.speculative:  # MTP entries (h_i, t_{i+1}) for i <= L-3; the draft does the rest
-            mtp = [LatentCache(c.kv[rows], c.pe[rows]) for c in self.mtp_cache]
             for s in range(0, ids.shape[1] - 2, self.prefill_chunk):
                 e = min(s + self.prefill_chunk, ids.shape[1] - 2)
                 mtp_logits(self.model, h[:, s:e], ids[:, s + 1:e + 1], mtp, s)
@@ -271,6 +271,11 @@ class Engine:
             events += self._sample_rows(group, logits[row].expand(len(group), -1))
         return events
 
+    def _rows(self, start: int, end: int) -> tuple[list[LatentCache], list[LatentCache]]:
+        """Views of the cache rows start..end-1: the main layers', the MTP layers'."""
+        views = [LatentCache(c.kv[start:end], c.pe[start:end]) for c in self.cache]
+        return views[:len(self.model.layers)], views[len(self.model.layers):]
+
     def _sample_rows(self, rows: list[_Sequence], logits: torch.Tensor) -> list[Event]:
         """Draw each row's next token from its logits (n, V) with the row's own settings and generator."""
         u = torch.tensor([s.uniform() for s in rows], device=self.device)
@@ -287,8 +292,8 @@ class Engine:
         tokens, pos, settings = self._inputs(rows, [[s.pending] for s in rows])
         u = torch.tensor([s.uniform() for s in rows], device=self.device)
         cache_len = max(s.pos for s in rows) + 1
-        token, logprob, hidden = self._run(decode_step, self.model, tokens, pos, self.main_cache, cache_len,
-                                           settings, u)
+        token, logprob, hidden = self._run(decode_step, self.model, tokens, pos, self._rows(0, len(rows))[0],
+                                           cache_len, settings, u)
         events = []
         for seq, h, t, lp in zip(rows, hidden, token.tolist(), logprob.tolist()):
             seq.pos += 1
@@ -304,16 +309,17 @@ class Engine:
         entries 0..p-1 and MTP entries (h_i, t_{i+1}) for i <= p-3; the draft call writes entries p-2 and p-1 (p-2
         is new after an accepted draft, else rewritten unchanged), so every model call covers the whole batch."""
         rows = list(self.active)
+        main, mtp = self._rows(0, len(rows))
         pending, pos, settings = self._inputs(rows, [[s.prev, s.pending] for s in rows])
         h = torch.stack([s.hidden for s in rows])  # (n, 2, D): h_{p-2}, h_{p-1}
         reach = max(s.pos for s in rows)
-        q = self._run(draft_step, self.model, h, pending, pos, self.mtp_cache, reach, settings).cpu()
+        q = self._run(draft_step, self.model, h, pending, pos, mtp, reach, settings).cpu()
         if not all(s.pos + 1 < self.max_len and len(s.c.token_ids) + 1 < s.params.max_new_tokens for s in rows):
             return self._decode()  # a row has room for one more token only
         drafts = [draw_one(q[i], s.generator) if not s.params.greedy else int(q[i].argmax())
                   for i, s in enumerate(rows)]
         tokens = torch.tensor([[s.pending, d] for s, d in zip(rows, drafts)], device=self.device)
-        p, logp, hidden = self._run(verify_step, self.model, tokens, pos, self.main_cache, reach + 2, settings)
+        p, logp, hidden = self._run(verify_step, self.model, tokens, pos, main, reach + 2, settings)
         p, logp = p.cpu(), logp.cpu()
         events = []
         for i, seq in enumerate(rows):

@@ -106,16 +106,15 @@ class Experts(nn.Module):
 
     def forward_fixed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` without data-dependent shapes (the compiled decode step): while the N tokens choose fewer
-        slots than there are experts (N K < E), each gathers its K experts' weights; otherwise every token runs
-        every expert, weighted zero where not chosen (cheaper than gathering N K weight copies). Unsharded
-        experts in the weights' own precision."""
-        N, K = indices.shape
-        E, I, D = self.gate_proj.shape
+        """`forward` without data-dependent shapes (the compiled decode step): one token gathers its K experts'
+        weights; more run every expert, weighted zero where not chosen (cheaper than gathering N K weight copies,
+        and only two shapes to compile: one token, and any other number). Unsharded experts in the weights' own
+        precision."""
+        N, (E, I, D) = indices.shape[0], self.gate_proj.shape
         flat = indices.flatten()
-        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
         g = weights.to(x.dtype)
-        if N * K < E:
+        if N == 1:
             h = F.silu(torch.einsum("nd,nkid->nki", x, self.gate_proj[indices]))
             h = h * torch.einsum("nd,nkid->nki", x, self.up_proj[indices]) * g[..., None]
             return torch.einsum("nki,nkdi->nd", h, self.down_proj[indices]), counts
