@@ -141,13 +141,15 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def generate(model, tok, prompts: list[str], params: SamplingParams, chat_format: bool = True,
-             speculative: bool = False, batch_size: int = 16, progress: bool = True) -> list[dict]:
+             speculative: bool = False, batch_size: int = 16, progress: bool = True,
+             compile: bool = False) -> list[dict]:
     """One completion per prompt, batched through the engine (prompt i sampled with seed `params.seed + i`).
     With `chat_format` a prompt is a user turn, else raw text after bos. Returns one record per prompt."""
     ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) if chat_format
            else tok.encode(p, add_bos=True) for p in prompts]
     max_len = min(model.cfg.max_position_embeddings, max(map(len, ids)) + params.max_new_tokens + 1)
-    engine = Engine(model, tok, max_batch=min(batch_size, len(ids)), max_len=max_len, speculative=speculative)
+    engine = Engine(model, tok, max_batch=min(batch_size, len(ids)), max_len=max_len, speculative=speculative,
+                    compile=compile)
     completions = [engine.submit(x, replace(params, seed=None if params.seed is None else params.seed + i))
                    for i, x in enumerate(ids)]
     run_engine(engine, len(completions), "generate", progress)

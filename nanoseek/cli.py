@@ -205,13 +205,15 @@ def cmd_eval(args) -> None:
     temperature = args.temperature if args.temperature is not None else 0.6 if args.samples > 1 else 0.0
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=temperature, top_p=args.top_p)
     report = evaluate(model, tok, problems, args.samples, params, seed=args.seed, speculative=args.speculative,
-                      batch_size=args.batch)
+                      batch_size=args.batch, compile=args.compile)
     report = {"model": str(args.model), "problems": str(args.data or args.tasks), **report}
     print(f"nanoseek eval: {args.model} on {len(problems)} problems ({report['problems']}), {args.samples} "
           f"sample(s) each, temperature {temperature}")
     print(format_table(report))
     if args.speculative:
         print(f"MTP speculative decoding: {report['acceptance_rate']:.1%} of drafts accepted")
+    if args.compile:
+        print(f"compiling the decode step took {report['compile_seconds']:.1f} s of the run")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -223,9 +225,12 @@ def cmd_chat(args) -> None:
     from .engine import Engine
     from .sampling import SamplingParams
     model, tok = _load_model(args.model)
-    engine = Engine(model, tok, max_batch=1, speculative=args.speculative)
+    engine = Engine(model, tok, max_batch=1, speculative=args.speculative, compile=args.compile)
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
+    if args.compile:
+        print("compiling the decode step (--no-compile skips it) ...", end=" ", flush=True)
+        print(f"{engine.warmup(params):.1f} s")
     print(f"nanoseek chat: {args.model}. /exit or Ctrl-D ends, /reset starts afresh, Ctrl-C stops an answer.")
     chat(engine, params, system=args.system)
 
@@ -238,7 +243,7 @@ def cmd_generate(args) -> None:
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     records = generate(model, tok, prompts, params, chat_format=args.chat, speculative=args.speculative,
-                       batch_size=args.batch)
+                       batch_size=args.batch, compile=args.compile)
     for r in records:
         if args.json:
             print(json.dumps(r, ensure_ascii=False))
@@ -254,7 +259,7 @@ def cmd_serve(args) -> None:
     model, tok = _load_model(args.model)
     name = args.model.resolve().name
     app = create_app(model, tok, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     speculative=args.speculative, max_len=args.max_len)
+                     speculative=args.speculative, max_len=args.max_len, compile=args.compile)
     print(f"nanoseek serve: {args.model} as model {name!r} at http://{args.host}:{args.port} "
           f"(chat page /, API /v1, schema /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
@@ -443,15 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--recipe", help="a recipe file, or the name of one in recipes/ (e.g. cpu-demo)")
         train.set_defaults(func=cmd_train, overrides=[])  # the --key value pairs argparse does not know
 
-    def model_args(p: argparse.ArgumentParser, temperature: float | None, max_tokens: int) -> None:
+    def model_args(p: argparse.ArgumentParser, temperature: float | None, max_tokens: int, compile: bool) -> None:
         p.add_argument("--model", type=Path, required=True, help="a model directory (with its tokenizer)")
         p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
         p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling when the temperature is > 0")
         p.add_argument("--max-tokens", type=int, default=max_tokens, help="new tokens per completion at most")
         p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile,
+                       help="torch.compile the decode step: several times the tokens/s at small batches, after a "
+                       "warm-up of seconds to a minute")
 
     evaluation = sub.add_parser("eval", help="pass@1, pass@k, maj@k and format rate on task problems")
-    model_args(evaluation, None, 256)
+    model_args(evaluation, None, 256, compile=False)
     source = evaluation.add_mutually_exclusive_group(required=True)
     source.add_argument("--tasks", help="a recipe (file, or name in recipes/) or comma-separated task families")
     source.add_argument("--data", type=Path, help="a problem JSONL, e.g. a run's data/corpus-held-out.jsonl "
@@ -465,13 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.set_defaults(func=cmd_eval)  # temperature None: 0 for one sample, 0.6 (R1's setting) for several
 
     talk = sub.add_parser("chat", help="a streaming multi-turn chat in the terminal")
-    model_args(talk, 0.6, 1024)
+    model_args(talk, 0.6, 1024, compile=True)
     talk.add_argument("--system", help="a system prompt")
     talk.add_argument("--seed", type=int)
     talk.set_defaults(func=cmd_chat)
 
     gen = sub.add_parser("generate", help="completions for prompts from the command line or a file, batched")
-    model_args(gen, 0.0, 256)
+    model_args(gen, 0.0, 256, compile=False)
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     prompts.add_argument("--file", type=Path, help="one prompt per line, or .jsonl rows with a \"prompt\"")
@@ -493,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-len", type=int, help="longest prompt + reply (default: the model's context); "
                        "the KV cache holds max-batch x max-len tokens")
     serve.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    serve.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                       help="torch.compile the decode step (warmed up before the server takes requests)")
     serve.set_defaults(func=cmd_serve)
 
     report = sub.add_parser("report", help="report.md + PNG plots of a run: loss, MaxVio, GRPO, held-out accuracy, "

@@ -27,7 +27,7 @@ import itertools
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch._dynamo.utils import counters
@@ -143,6 +143,17 @@ class Engine:
         self.ids = itertools.count()
         self.drafted = self.accepted = 0
         self.warmup_seconds = 0.0  # spent compiling (calls that built a new graph)
+
+    def warmup(self, params: SamplingParams | None = None) -> float:
+        """With `compile`: build the steps' graphs (one row, several; `params`' way of sampling) before a request
+        waits on them. Returns the seconds spent."""
+        spent = self.warmup_seconds
+        if self.compile:
+            few = replace(params or SamplingParams(), max_new_tokens=4, ignore_eos=True, stop=[], seed=0)
+            for rows in sorted({min(2, self.max_batch), 1}, reverse=True):
+                self.generate([[0, 1]] * rows, few)
+            self.drafted = self.accepted = 0
+        return self.warmup_seconds - spent
 
     @property
     def device(self) -> torch.device:

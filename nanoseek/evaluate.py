@@ -142,11 +142,13 @@ def paired_gain(after: dict, before: dict) -> tuple[float, float] | None:
 
 
 def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, params: SamplingParams | None = None,
-             seed: int = 0, speculative: bool = False, batch_size: int = 128, progress: bool = True) -> dict:
+             seed: int = 0, speculative: bool = False, batch_size: int = 128, progress: bool = True,
+             compile: bool = False) -> dict:
     """Sample `samples` completions per problem (request seeds drawn from `seed`) and score them: the metrics
     above overall (top level), `by_family` and `by_task` (`family/difficulty`), plus a few examples."""
     params = params or SamplingParams()
-    engine, groups = sample_completions(model, tok, problems, samples, params, seed, speculative, batch_size, progress)
+    engine, groups = sample_completions(model, tok, problems, samples, params, seed, speculative, batch_size, progress,
+                                        compile=compile)
     per_problem, by_family, by_task = [], defaultdict(list), defaultdict(list)
     for p, completions in zip(problems, groups):
         metrics = problem_metrics(p, [c.text for c in completions], [len(c.token_ids) for c in completions])
@@ -162,19 +164,22 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, p
                             "answer": problems[i].answer} for i in range(min(N_EXAMPLES, len(problems)))]}
     if speculative:
         report["acceptance_rate"] = engine.acceptance_rate
+    if compile:
+        report["compile_seconds"] = engine.warmup_seconds
     return report
 
 
 def sample_completions(model, tok: Tokenizer, problems: list[Problem], samples: int, params: SamplingParams,
                        seed: int = 0, speculative: bool = False, batch_size: int = 128, progress: bool = True,
-                       desc: str = "eval") -> tuple[Engine, list[list[Completion]]]:
-    """`samples` completions of each problem's chat prompt, request seeds drawn from `seed`; grouped per problem."""
+                       desc: str = "eval", compile: bool = False) -> tuple[Engine, list[list[Completion]]]:
+    """`samples` completions of each problem's chat prompt, request seeds drawn from `seed`; grouped per problem.
+    `compile`: the Engine's compiled decode step (its warm-up seconds in `engine.warmup_seconds`)."""
     if samples < 1 or not problems:
         raise TaskError(f"{desc}: needs problems and samples >= 1, got {len(problems)} and {samples}")
     prompts = [tok.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True)
                for p in problems]
     max_len = min(model.cfg.max_position_embeddings, max(map(len, prompts)) + params.max_new_tokens + 1)
-    engine = Engine(model, tok, max_batch=batch_size, max_len=max_len, speculative=speculative)
+    engine = Engine(model, tok, max_batch=batch_size, max_len=max_len, speculative=speculative, compile=compile)
     rng = random.Random(seed)
     requests = [engine.submit(ids, replace(params, seed=rng.getrandbits(62))) for ids in prompts
                 for _ in range(samples)]

@@ -240,16 +240,19 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
                max_batch: int = 16, max_queue: int = 64, speculative: bool = False,
-               max_len: int | None = None) -> FastAPI:
+               max_len: int | None = None, compile: bool = False) -> FastAPI:
     """The server for one model. `max_len` (default: the model's context) is the longest sequence, prompt and
-    reply together; the engine's latent cache holds max_batch x max_len tokens."""
+    reply together; the engine's latent cache holds max_batch x max_len tokens. `compile`: the Engine's compiled
+    decode step, warmed up before the server takes requests."""
     if max_batch < 1 or max_queue < 1:
         raise NanoseekError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
-    worker = EngineWorker(lambda: Engine(model, tokenizer, max_batch, max_len, speculative), max_queue)
+    worker = EngineWorker(lambda: Engine(model, tokenizer, max_batch, max_len, speculative, compile), max_queue)
     context, vocab = worker.engine.max_len, model.cfg.vocab_size
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if compile:
+            log.info("decode step compiled in %.1f s", await asyncio.to_thread(worker.engine.warmup))
         worker.start()
         try:
             yield

@@ -54,7 +54,7 @@ def test_chat_streams_two_turns_and_keeps_the_history(model_dir, monkeypatch, sp
     out = Terminal(steps)
     monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nand again\n"))
     monkeypatch.setattr("sys.stdout", out)
-    assert main(["chat", "--model", str(model_dir), "--max-tokens", "12", "--temperature", "0"]) == 0
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "12", "--temperature", "0", "--no-compile"]) == 0
     assert len(prompts) == 2 and len(prompts[1]) > len(prompts[0]) + 12  # turn 2 holds turn 1 and its answer
     assert prompts[1][:len(prompts[0])] == prompts[0]
     first_turn = {n for n, text in out.writes if text.strip() and 0 < n < steps.count(1)}
@@ -73,7 +73,7 @@ def test_ctrl_c_stops_the_answer_not_the_chat(model_dir, monkeypatch, spied, cap
 
     monkeypatch.setattr(Engine, "step", interrupted_step)
     monkeypatch.setattr("sys.stdin", io.StringIO("first\nsecond\n/exit\nnever read\n"))
-    assert main(["chat", "--model", str(model_dir), "--max-tokens", "40", "--temperature", "0",
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "40", "--temperature", "0", "--no-compile",
                  "--system", "Be brief."]) == 0
     out = capsys.readouterr().out
     assert out.count("[stopped]") == 1 and out.count("[max tokens]") == 1 and len(prompts) == 2

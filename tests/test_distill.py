@@ -17,7 +17,7 @@ from nanoseek.train.recipe import load_config
 
 def fake_sampler(completions_for):
     """Stands in for the model: each problem gets the completions `completions_for(problem)` returns."""
-    def sample(model, tok, problems, samples, params, seed=0, progress=True, desc=""):
+    def sample(model, tok, problems, samples, params, seed=0, progress=True, desc="", compile=False):
         return None, [[Completion(0, [1], token_ids=[1] * 5, text=text, finish_reason=reason)
                        for text, reason in completions_for(p)] for p in problems]
     return sample

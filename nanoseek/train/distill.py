@@ -34,9 +34,10 @@ from .recipe import TrainConfig
 
 
 def rejection_sample(model, tok: Tokenizer, problems: list[Problem], samples: int, params: SamplingParams,
-                     seed: int = 0, progress: bool = True) -> tuple[list[Problem], dict]:
+                     seed: int = 0, progress: bool = True, compile: bool = False) -> tuple[list[Problem], dict]:
     """The verified-correct, well-formed, distinct completions as problems whose `solution` is the completion."""
-    _, groups = sample_completions(model, tok, problems, samples, params, seed, progress=progress, desc="traces")
+    _, groups = sample_completions(model, tok, problems, samples, params, seed, progress=progress, desc="traces",
+                                   compile=compile)
     kept, solved = [], 0
     for problem, completions in zip(problems, groups):
         texts = []
@@ -85,7 +86,7 @@ def run(cfg: TrainConfig) -> dict:
         rank, world = distributed.rank(), distributed.world()
         mine = problems[len(problems) * rank // world:len(problems) * (rank + 1) // world]
         traces, stats = (rejection_sample(teacher, tok, mine, cfg.group_size, params, cfg.seed + rank,
-                                          progress=distributed.is_main()) if mine else
+                                          progress=distributed.is_main(), compile=cfg.compile_decode) if mine else
                          ([], {"problems": 0, "samples": 0, "kept": 0, "problems_solved": 0}))
         if world > 1:  # every rank's traces, in problem order, and the summed counts
             everyone = [None] * world

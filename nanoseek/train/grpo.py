@@ -240,7 +240,7 @@ def run(cfg: TrainConfig) -> dict:
     distributed.share(cfg.prompts_per_step, "prompts_per_step")
     torch.manual_seed(cfg.seed)
     policy = load_policy(cfg.init, cfg.tokenizer, device, max_batch=cfg.prompts_per_step * cfg.group_size,
-                         max_len=cfg.seq_len + cfg.max_new_tokens)
+                         max_len=cfg.seq_len + cfg.max_new_tokens, compile=cfg.compile_decode)
     model = policy.model
     excluded = [p for path in cfg.data for p in read_jsonl(path)]
     if cfg.data and not excluded:

@@ -42,10 +42,10 @@ NANOSEEK_MODEL_TYPES = ("deepseek_v3",)
 
 
 def load_policy(init: str | Path, tokenizer: str | Path | None = None, device: torch.device | str = "cpu",
-                max_batch: int = 16, max_len: int = 2048):
+                max_batch: int = 16, max_len: int = 2048, compile: bool = False):
     """The policy for the model directory `init` (tokenizer from `tokenizer`, else from `init`): nanoseek's own for
     a DeepseekV3 directory, a `transformers` one for any other causal LM. Rollouts run in batches of `max_batch`,
-    prompt + completion at most `max_len` tokens."""
+    prompt + completion at most `max_len` tokens; `compile`: nanoseek's Engine runs its compiled decode step."""
     config = Path(init) / "config.json"
     model_type = None
     if config.is_file():
@@ -55,7 +55,7 @@ def load_policy(init: str | Path, tokenizer: str | Path | None = None, device: t
             raise TrainError(f"{config}: not a JSON object ({e})") from None
     if model_type is None or model_type in NANOSEEK_MODEL_TYPES:  # nanoseek's loader names what is wrong
         tok = Tokenizer.load(tokenizer or init)
-        return NanoseekPolicy(Transformer.from_pretrained(init, device=device), tok, max_batch, max_len)
+        return NanoseekPolicy(Transformer.from_pretrained(init, device=device), tok, max_batch, max_len, compile)
     return HFPolicy.from_pretrained(init, tokenizer, device, max_batch, max_len)
 
 
@@ -99,10 +99,10 @@ def sequence_logprobs(policy, ids: torch.Tensor, real: torch.Tensor, temperature
 class NanoseekPolicy:
     """nanoseek's Transformer with its tokenizer; rollouts from the one Engine."""
 
-    def __init__(self, model: Transformer, tok: Tokenizer, max_batch: int, max_len: int):
+    def __init__(self, model: Transformer, tok: Tokenizer, max_batch: int, max_len: int, compile: bool = False):
         self.model, self.tok, self.pad_id = model, tok, tok.pad_id
-        self.engine = Engine(model, tok, max_batch=max_batch,
-                             max_len=min(model.cfg.max_position_embeddings, max_len))
+        self.engine = Engine(model, tok, max_batch=max_batch, max_len=min(model.cfg.max_position_embeddings, max_len),
+                             compile=compile)
 
     @property
     def device(self) -> torch.device:

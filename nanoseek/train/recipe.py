@@ -55,7 +55,8 @@ class TrainConfig:
     fp8: bool = False  # fine-grained FP8 GEMMs (emulated on CPU)
     # runtime
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False
+    compile: bool = False  # torch.compile the training forward (no faster on CPU: benchmarks/model_throughput.py)
+    compile_decode: bool = False  # the Engine's compiled decode step for GRPO's rollouts and distillation's traces
     # many processes (`torchrun ... -m nanoseek`): batch_size (and prompts_per_step) are global, split over them
     parallel: str = "dp"  # dp: DDP replicas | fsdp: FSDP2, parameters, gradients and optimiser state sharded
     expert_parallel: int = 1  # split every MoE layer's routed experts over this many processes (all_to_all)
