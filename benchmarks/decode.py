@@ -1,8 +1,9 @@
 """Decoding: the nanoseek Engine vs transformers' `generate` on the same model, MTP speculation, KV-cache bytes.
 
-1. Greedy tokens/s of the Engine and of `DeepseekV3ForCausalLM.generate` (same weights through an HF directory,
-   same prompts, exactly the same number of new tokens: min_new_tokens = max_new_tokens), at batch 1 and 16,
-   the runs interleaved and the median taken; prefill included on both sides.
+1. Greedy tokens/s of the Engine, eager and with its compiled decode step (`compile=True`), and of
+   `DeepseekV3ForCausalLM.generate` (same weights through an HF directory, same prompts, exactly the same number of
+   new tokens: min_new_tokens = max_new_tokens), at batch 1 and 16, the runs interleaved and the median taken;
+   prefill included on both sides. The compiled engines' warm-up (compiling, before the timed runs) is reported.
 2. MTP speculation in the Engine (one draft per step, checked by the main model): acceptance rate and speed-up,
    on the random model (drafts nearly always wrong) and on the same architecture trained for a few dozen steps
    on a cyclic token sequence, where the MTP module has something to predict.
@@ -35,9 +36,13 @@ BATCHES = (1, 16)
 
 
 def engines(model: Transformer, batch: int, max_len: int) -> dict[str, Engine]:
-    runs = {"nanoseek": Engine(model, IdsOnly(), max_batch=batch, max_len=max_len)}
-    if model.mtp:
-        runs["nanoseek+MTP"] = Engine(model, IdsOnly(), max_batch=batch, max_len=max_len, speculative=True)
+    """Plain and (with an MTP module) speculative engines, eager and compiled."""
+    runs = {}
+    for speculative in (False, True) if model.mtp else (False,):
+        for compile in (False, True):
+            name = "nanoseek" + (" compiled" if compile else "") + ("+MTP" if speculative else "")
+            runs[name] = Engine(model, IdsOnly(), max_batch=batch, max_len=max_len, speculative=speculative,
+                                compile=compile)
     return runs
 
 
@@ -47,6 +52,7 @@ def compare(model: Transformer, prompts: torch.Tensor, n: int, repeats: int, hf=
     batch = prompts.shape[0]
     params = SamplingParams(max_new_tokens=n, ignore_eos=True)
     runs = engines(model, batch, prompts.shape[1] + n + 2)
+    warmup = {name: e.warmup(params) for name, e in runs.items() if e.compile}
     tokens = {name: [c.token_ids for c in e.generate(prompts.tolist(), params)] for name, e in runs.items()}
     calls = {name: (lambda e=e: e.generate(prompts.tolist(), params)) for name, e in runs.items()}
     if hf is not None:
@@ -57,14 +63,18 @@ def compare(model: Transformer, prompts: torch.Tensor, n: int, repeats: int, hf=
         tokens["transformers"] = hf_generate()[:, prompts.shape[1]:].tolist()
         calls["transformers"] = hf_generate
     seconds = timed_interleaved(calls, repeats)
-    result = {"tokens_per_s": {name: batch * n / s for name, s in seconds.items()},
+    result = {"tokens_per_s": {name: batch * n / s for name, s in seconds.items()}, "warmup_seconds": warmup,
               "same_tokens_as_nanoseek": {name: t == tokens["nanoseek"] for name, t in tokens.items()
                                           if name != "nanoseek"}}
+    t = result["tokens_per_s"]
+    result["compiled_speedup"] = t["nanoseek compiled"] / t["nanoseek"]
     if "nanoseek+MTP" in runs:
-        result["mtp_acceptance"] = runs["nanoseek+MTP"].acceptance_rate
-        result["mtp_speedup"] = result["tokens_per_s"]["nanoseek+MTP"] / result["tokens_per_s"]["nanoseek"]
+        result["mtp_acceptance"] = runs["nanoseek compiled+MTP"].acceptance_rate
+        result["mtp_speedup"] = t["nanoseek compiled+MTP"] / t["nanoseek compiled"]
+        result["mtp_speedup_eager"] = t["nanoseek+MTP"] / t["nanoseek"]
     if hf is not None:
-        result["speedup_vs_transformers"] = result["tokens_per_s"]["nanoseek"] / result["tokens_per_s"]["transformers"]
+        result["speedup_vs_transformers"] = t["nanoseek compiled"] / t["transformers"]
+        result["eager_speedup_vs_transformers"] = t["nanoseek"] / t["transformers"]
     return result
 
 
@@ -146,19 +156,23 @@ def main() -> None:
     result["kv_cache_bytes_per_token"] = kv_bytes(ours, hf, prompts[16], n)
 
     print(f"{args.preset} preset, {result['threads']} threads, prompts of {args.prompt_len} tokens, {n} new tokens, "
-          f"greedy, median of {args.repeats}")
-    print(f"{'':<28}{'nanoseek':>10}{'+MTP':>10}{'transformers':>14}{'ratio':>8}{'MTP accept':>12}{'MTP speed-up':>14}")
-    for b in BATCHES:
-        r = result["random"][f"batch_{b}"]
-        t = r["tokens_per_s"]
-        print(f"{f'random model, batch {b}':<28}{t['nanoseek']:>10.0f}{t['nanoseek+MTP']:>10.0f}"
-              f"{t['transformers']:>14.0f}{r['speedup_vs_transformers']:>7.2f}x{r['mtp_acceptance']:>12.1%}"
-              f"{r['mtp_speedup']:>13.2f}x")
-    for b in BATCHES:
-        r = trained[f"batch_{b}"]
-        t = r["tokens_per_s"]
-        print(f"{f'cyclic-trained, batch {b}':<28}{t['nanoseek']:>10.0f}{t['nanoseek+MTP']:>10.0f}{'':>14}{'':>8}"
-              f"{r['mtp_acceptance']:>12.1%}{r['mtp_speedup']:>13.2f}x")
+          f"greedy, median of {args.repeats}; tokens/s")
+    print(f"{'':<26}{'eager':>8}{'compiled':>10}{'+MTP':>8}{'compiled+MTP':>14}{'transformers':>14}"
+          f"{'compiled/tf':>13}{'MTP accept':>12}{'MTP speed-up':>14}")
+    for model_kind, results in (("random model", result["random"]), ("cyclic-trained", trained)):
+        for b in BATCHES:
+            r = results[f"batch_{b}"]
+            t = r["tokens_per_s"]
+            tf = (f"{t['transformers']:>14.0f}{r['speedup_vs_transformers']:>12.2f}x" if "transformers" in t
+                  else " " * 27)
+            print(f"{f'{model_kind}, batch {b}':<26}{t['nanoseek']:>8.0f}{t['nanoseek compiled']:>10.0f}"
+                  f"{t['nanoseek+MTP']:>8.0f}{t['nanoseek compiled+MTP']:>14.0f}{tf}{r['mtp_acceptance']:>12.1%}"
+                  f"{r['mtp_speedup']:>13.2f}x")
+    warm = {f"batch {b}": sum(result["random"][f"batch_{b}"]["warmup_seconds"].values()) for b in BATCHES}
+    print("compile warm-up before the timed runs (s, first compile of each graph in this process): "
+          + ", ".join(f"{k}: {v:.1f}" for k, v in warm.items()))
+    print("ratios above: compiled engine / transformers; MTP speed-up: compiled+MTP / compiled. llama.cpp is not in "
+          "this table: it needs the GGUF export, not built yet")
     same = {f"{m} b{b} {k}": v for m in ("random", "cyclic") for b in BATCHES
             for k, v in result[m][f"batch_{b}"]["same_tokens_as_nanoseek"].items()}
     print("same greedy tokens as the plain Engine: " + ", ".join(f"{k}: {v}" for k, v in same.items()))

@@ -323,6 +323,8 @@ class Engine:
         main, mtp = self._rows(0, len(rows))
         pending, pos, settings = self._inputs(rows, [[s.prev, s.pending] for s in rows])
         h = torch.stack([s.hidden for s in rows])  # (n, 2, D): h_{p-2}, h_{p-1}
+        for two in (pending, h):  # 2 positions a row, a constant of the compiled graph (so one row gathers experts)
+            torch._dynamo.mark_static(two, 1)
         reach = max(s.pos for s in rows)
         q = self._run(draft_step, self.model, h, pending, pos, mtp, reach, settings).cpu()
         if not all(s.pos + 1 < self.max_len and len(s.c.token_ids) + 1 < s.params.max_new_tokens for s in rows):
@@ -330,6 +332,7 @@ class Engine:
         drafts = [draw_one(q[i], s.generator) if not s.params.greedy else int(q[i].argmax())
                   for i, s in enumerate(rows)]
         tokens = torch.tensor([[s.pending, d] for s, d in zip(rows, drafts)], device=self.device)
+        torch._dynamo.mark_static(tokens, 1)
         p, logp, hidden = self._run(verify_step, self.model, tokens, pos, main, reach + 2, settings)
         p, logp = p.cpu(), logp.cpu()
         events = []

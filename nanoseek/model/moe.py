@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import ModelConfig
 
@@ -106,15 +107,15 @@ class Experts(nn.Module):
 
     def forward_fixed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` without data-dependent shapes (the compiled decode step): one token gathers its K experts'
-        weights; more run every expert, weighted zero where not chosen (cheaper than gathering N K weight copies,
-        and only two shapes to compile: one token, and any other number). Unsharded experts in the weights' own
-        precision."""
+        """`forward` without data-dependent shapes (the compiled decode step): a fixed number N of tokens that
+        choose fewer slots than there are experts (N K < E) gathers its experts' weights; any other number runs
+        every expert, weighted zero where not chosen (cheaper than gathering N K weight copies, and one graph for
+        every batch size). Unsharded experts in the weights' own precision."""
         N, (E, I, D) = indices.shape[0], self.gate_proj.shape
         flat = indices.flatten()
         counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
         g = weights.to(x.dtype)
-        if N == 1:
+        if statically_known_true(N * indices.shape[1] < E):  # N a number, not a compiled graph's symbol
             h = F.silu(torch.einsum("nd,nkid->nki", x, self.gate_proj[indices]))
             h = h * torch.einsum("nd,nkid->nki", x, self.up_proj[indices]) * g[..., None]
             return torch.einsum("nki,nkdi->nd", h, self.down_proj[indices]), counts
