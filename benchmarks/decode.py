@@ -52,7 +52,7 @@ def compare(model: Transformer, prompts: torch.Tensor, n: int, repeats: int, hf=
     batch = prompts.shape[0]
     params = SamplingParams(max_new_tokens=n, ignore_eos=True)
     runs = engines(model, batch, prompts.shape[1] + n + 2)
-    warmup = {name: e.warmup(params) for name, e in runs.items() if e.compile}
+    warmup = {name: e.warmup([params]) for name, e in runs.items() if e.compile}
     tokens = {name: [c.token_ids for c in e.generate(prompts.tolist(), params)] for name, e in runs.items()}
     calls = {name: (lambda e=e: e.generate(prompts.tolist(), params)) for name, e in runs.items()}
     if hf is not None:

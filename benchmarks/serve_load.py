@@ -1,11 +1,14 @@
 """Serving under load: N concurrent streaming chat clients, each sending a few requests one after another, against
 the OpenAI-compatible server running in this process on a random model. Prints requests/s, generated tokens/s,
-latency and time to first token (p50 / p99), and how full the engine's batch was.
+latency and time to first token (p50 / p99), and how full the engine's batch was. Then the same requests (prompts,
+seeds, settings, max batch) go through the Engine offline, with no HTTP, in the same process: the ratio of the two
+tokens/s is what the serving layer costs.
 
 The clients share the process (and its cores) with the server, so the figures are a floor for a separate client.
 
     python benchmarks/serve_load.py [--preset small] [--clients 32] [--rounds 3] [--max-tokens 32]
-                                    [--max-batch 16] [--speculative] [--threads N] [--out runs/bench-serve.json]
+                                    [--max-batch 16] [--speculative] [--no-compile] [--threads N]
+                                    [--out runs/bench-serve.json]
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.engine import Engine
+from nanoseek.sampling import SamplingParams
 from nanoseek.serve import create_app, running
 from nanoseek.tokenizer import train_tokenizer
 
@@ -29,12 +34,18 @@ LINES = ["What is 12+30? <think> 2+0=2, 1+3=4 </think> <answer>42</answer>", "So
          "Count the letters in 'banana'.", "hello world, how are you today?", "Compute 7*6 step by step."]
 
 
+def request(i: int, r: int, args) -> tuple[str, int]:
+    """Client i's r-th request: its user message and seed."""
+    return LINES[(i + r) % len(LINES)], i * args.rounds + r
+
+
 async def client(http: httpx.AsyncClient, url: str, i: int, args) -> list[dict]:
     """`args.rounds` streaming chat requests in a row -> one record each: latency, time to first token, tokens."""
     records = []
     for r in range(args.rounds):
-        body = {"model": "bench", "messages": [{"role": "user", "content": LINES[(i + r) % len(LINES)]}],
-                "max_tokens": args.max_tokens, "temperature": 1.0, "seed": i * args.rounds + r, "ignore_eos": True,
+        text, seed = request(i, r, args)
+        body = {"model": "bench", "messages": [{"role": "user", "content": text}],
+                "max_tokens": args.max_tokens, "temperature": 1.0, "seed": seed, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
         t0 = time.perf_counter()
         first, usage = None, None
@@ -63,6 +74,17 @@ async def load(url: str, args) -> tuple[list[dict], float]:
         return [r for records in per_client for r in records], time.perf_counter() - t0
 
 
+def offline(engine: Engine, tok, args) -> float:
+    """Tokens/s of the same requests submitted to the engine directly."""
+    prompts = [request(i, r, args) for i in range(args.clients) for r in range(args.rounds)]
+    t0 = time.perf_counter()
+    done = engine.generate([tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+                            for text, _ in prompts],
+                           [SamplingParams(max_new_tokens=args.max_tokens, temperature=1.0, seed=seed, ignore_eos=True)
+                            for _, seed in prompts])
+    return sum(len(c.token_ids) for c in done) / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -71,18 +93,19 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per reply (end of sentence ignored)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--speculative", action="store_true")
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice; on a small machine one "
-                    "leaves a core to the event loop)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="the compiled decode step "
+                    "(the server's default), warmed up before the clients start")
+    ap.add_argument("--threads", type=int, help="torch threads (default: as `nanoseek serve`, one core fewer than "
+                    "torch's choice, left to the event loop)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
 
     tok = train_tokenizer(LINES * 20, 512, digits=1)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset(args.preset, vocab_size=tok.vocab_size)).eval()
     app = create_app(model, tok, "bench", max_batch=args.max_batch, max_queue=max(64, args.clients),
-                     speculative=args.speculative, max_len=256)
+                     speculative=args.speculative, max_len=256, compile=args.compile)
     batch_sizes, done = [], threading.Event()
 
     def sample_batch() -> None:  # how many sequences the engine decodes together, every 10 ms
@@ -95,6 +118,9 @@ def main() -> None:
         records, wall = asyncio.run(load(url, args))
         done.set()
         sampler.join()
+    engine = Engine(model, tok, args.max_batch, 256, args.speculative, args.compile)
+    engine.warmup()
+    offline_tokens_per_s = offline(engine, tok, args)
     ok = [r for r in records if r["status"] == 200]
     latency, ttft = np.array([r["latency"] for r in ok]), np.array([r["ttft"] for r in ok if r["ttft"] is not None])
     busy = [b for b in batch_sizes if b]
@@ -105,15 +131,20 @@ def main() -> None:
               "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
               "latency_s": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99))},
               "ttft_s": {"p50": float(np.percentile(ttft, 50)), "p99": float(np.percentile(ttft, 99))},
-              "mean_batch_when_busy": float(np.mean(busy)) if busy else 0.0}
+              "mean_batch_when_busy": float(np.mean(busy)) if busy else 0.0, "compile": args.compile,
+              "offline_tokens_per_s": offline_tokens_per_s}
+    result["server_over_offline"] = result["tokens_per_s"] / offline_tokens_per_s
     print(f"{args.preset} preset ({result['parameters']:,} parameters), {args.clients} streaming clients x "
           f"{args.rounds} requests of {args.max_tokens} tokens, max batch {args.max_batch}"
-          f"{', MTP speculative' if args.speculative else ''}, {result['torch_threads']} torch threads")
+          f"{', MTP speculative' if args.speculative else ''}{', compiled' if args.compile else ', eager'}, "
+          f"{result['torch_threads']} torch threads")
     print(f"  {result['requests']} requests ({result['failed']} failed) in {wall:.1f} s: "
           f"{result['requests_per_s']:.2f} requests/s, {result['tokens_per_s']:.0f} tokens/s")
     print(f"  latency p50 {result['latency_s']['p50']:.2f} s, p99 {result['latency_s']['p99']:.2f} s; "
           f"time to first token p50 {result['ttft_s']['p50']:.2f} s, p99 {result['ttft_s']['p99']:.2f} s")
     print(f"  engine batch while busy: {result['mean_batch_when_busy']:.1f} sequences on average")
+    print(f"  the same requests offline (Engine.generate, no HTTP): {offline_tokens_per_s:.0f} tokens/s; "
+          f"server / offline: {result['server_over_offline']:.2f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

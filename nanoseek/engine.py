@@ -144,14 +144,15 @@ class Engine:
         self.drafted = self.accepted = 0
         self.warmup_seconds = 0.0  # spent compiling (calls that built a new graph)
 
-    def warmup(self, params: SamplingParams | None = None) -> float:
-        """With `compile`: build the steps' graphs (one row, several; `params`' way of sampling) before a request
-        waits on them. Returns the seconds spent."""
+    def warmup(self, params: list[SamplingParams] | None = None) -> float:
+        """With `compile`: build the steps' graphs (for one row and for several, for each way of sampling that
+        `params` need; default both: plain and truncated) before a request waits on them. Returns the seconds."""
         spent = self.warmup_seconds
         if self.compile:
-            few = replace(params or SamplingParams(), max_new_tokens=4, ignore_eos=True, stop=[], seed=0)
-            for rows in sorted({min(2, self.max_batch), 1}, reverse=True):
-                self.generate([[0, 1]] * rows, few)
+            for p in params or [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9)]:
+                few = replace(p, max_new_tokens=4, ignore_eos=True, stop=[], seed=0)
+                for rows in sorted({min(2, self.max_batch), 1}, reverse=True):
+                    self.generate([[0, 1]] * rows, few)
             self.drafted = self.accepted = 0
         return self.warmup_seconds - spent
 

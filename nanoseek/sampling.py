@@ -48,9 +48,9 @@ class SamplingParams:
 
 
 class RowSettings(NamedTuple):
-    """Each row's sampling settings as tensors (B,), so one batch of rows is sampled in one pass, and the cheapest
-    way to sample them all: "greedy" (every row), "temperature" (no row cuts its distribution) or "truncated"
-    (some row has a top-k or top-p: the distributions are sorted)."""
+    """Each row's sampling settings as tensors (B,), so one batch of rows is sampled in one pass, and the cheaper
+    of two ways to sample them all: "plain" (no row cuts its distribution) or "truncated" (some row has a top-k or
+    top-p: the distributions are sorted, which costs more than the rest of the sampling)."""
     temperature: torch.Tensor  # 0: greedy
     top_k: torch.Tensor  # 0: no limit
     top_p: torch.Tensor
@@ -58,8 +58,7 @@ class RowSettings(NamedTuple):
 
     @classmethod
     def of(cls, params: list[SamplingParams], device=None) -> "RowSettings":
-        mode = ("greedy" if all(p.greedy for p in params) else
-                "truncated" if any(p.top_k or p.top_p < 1 for p in params if not p.greedy) else "temperature")
+        mode = "truncated" if any(p.top_k or p.top_p < 1 for p in params if not p.greedy) else "plain"
         return cls(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
                    torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
                    torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device), mode)
@@ -74,11 +73,9 @@ def probabilities(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
     top-k and the top-p nucleus and renormalised; one-hot on the (first) argmax when greedy. Fixed shapes, no
     branches on values: the compiled decode step runs it."""
     argmax = F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    if rows.mode == "greedy":
-        return argmax
     greedy = rows.temperature == 0
     scaled = logits.float() / torch.where(greedy, 1.0, rows.temperature)[:, None]
-    if rows.mode == "temperature":
+    if rows.mode == "plain":
         return torch.where(greedy[:, None], argmax, scaled.softmax(-1))
     ranked, order = scaled.sort(dim=-1, descending=True, stable=True)
     rank = torch.arange(logits.shape[-1], device=logits.device)
@@ -113,7 +110,7 @@ def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 
 def sample(logits: torch.Tensor, rows: RowSettings, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, V), uniforms u (B,) -> each row's token (B,) and its reported log-prob (B,)."""
-    token = logits.argmax(-1) if rows.mode == "greedy" else draw(probabilities(logits, rows), u)
+    token = draw(probabilities(logits, rows), u)
     return token, log_probs(logits, rows).gather(-1, token[:, None])[:, 0]
 
 

@@ -338,15 +338,26 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, api_ke
                 jobs.append(_Job(ids, params, p * n + i, events, loop))
         return jobs
 
-    async def events(jobs: list[_Job]) -> AsyncIterator[tuple[int, Event]]:
-        """(choice index, Event) until every job has finished."""
-        open_jobs = len(jobs)
+    async def events(jobs: list[_Job]) -> AsyncIterator[list[tuple[int, Event]]]:
+        """Batches of (choice index, Event) until every job has finished: all that has arrived when the request
+        gets its turn, a choice's consecutive events merged into one (under load: fewer, larger chunks)."""
+        open_jobs, arrived = len(jobs), jobs[0].events
         while open_jobs:
-            index, item = await jobs[0].events.get()
-            if isinstance(item, APIError):
-                raise item
-            open_jobs -= item.finished
-            yield index, item
+            items = [await arrived.get()]
+            while not arrived.empty():
+                items.append(arrived.get_nowait())
+            batch: list[tuple[int, Event]] = []
+            for index, item in items:
+                if isinstance(item, APIError):
+                    raise item
+                open_jobs -= item.finished
+                if batch and batch[-1][0] == index:  # the same choice again: one event with both texts
+                    before = batch[-1][1]
+                    item = Event(item.completion, before.new_text + item.new_text,
+                                 before.new_token_ids + item.new_token_ids, item.finished)
+                    batch.pop()
+                batch.append((index, item))
+            yield batch
 
     async def cancel_when_gone(request: Request, jobs: list[_Job]) -> None:
         """Cancel the jobs of a non-streaming request whose client has gone (checked every POLL_S seconds)."""
@@ -369,17 +380,22 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, api_ke
         try:
             for job in jobs if chat else []:
                 yield chunk(job.index, {"delta": {"role": "assistant", "content": ""}})
-            async for index, event in events(jobs):
-                if chat:
-                    reasoning, content = splitters[index].feed(event.new_text, final=event.finished)
-                    delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
-                    if delta:
-                        yield chunk(index, {"delta": delta})
-                elif event.new_text:
-                    yield chunk(index, {"text": event.new_text})
-                if event.finished:
-                    completion_tokens += len(event.completion.token_ids)
-                    yield chunk(index, {"delta": {}} if chat else {"text": ""}, event.completion.finish_reason)
+            async for batch in events(jobs):
+                chunks = []  # written together
+                for index, event in batch:
+                    if chat:
+                        reasoning, content = splitters[index].feed(event.new_text, final=event.finished)
+                        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+                        if delta:
+                            chunks.append(chunk(index, {"delta": delta}))
+                    elif event.new_text:
+                        chunks.append(chunk(index, {"text": event.new_text}))
+                    if event.finished:
+                        completion_tokens += len(event.completion.token_ids)
+                        chunks.append(chunk(index, {"delta": {}} if chat else {"text": ""},
+                                            event.completion.finish_reason))
+                if chunks:
+                    yield "".join(chunks)
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
             yield "data: [DONE]\n\n"
@@ -402,8 +418,8 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, api_ke
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watch = asyncio.create_task(cancel_when_gone(request, jobs))
         try:
-            done: dict[int, Completion] = {index: event.completion async for index, event in events(jobs)
-                                           if event.finished}
+            done: dict[int, Completion] = {index: event.completion async for batch in events(jobs)
+                                           for index, event in batch if event.finished}
         finally:
             watch.cancel()
             worker.cancel(jobs)

@@ -211,7 +211,7 @@ def test_compiled_steps_give_the_eager_tokens(model, cyclic_model, tok):
         for prompts in (PROMPTS[:1], PROMPTS):
             eager, fast = (Engine(m, tok, max_batch=len(prompts), max_len=64, speculative=speculative,
                                   compile=compile) for compile in (False, True))
-            fast.warmup(params)
+            fast.warmup([params])
             assert fast.drafted == 0 and not fast.has_work()
             expected, got = eager.generate(prompts, params), fast.generate(prompts, params)
             assert [c.token_ids for c in got] == [c.token_ids for c in expected]
