@@ -4,11 +4,13 @@ latency and time to first token (p50 / p99), and how full the engine's batch was
 seeds, settings, max batch) go through the Engine offline, with no HTTP, in the same process: the ratio of the two
 tokens/s is what the serving layer costs.
 
-The clients share the process (and its cores) with the server, so the figures are a floor for a separate client.
+The clients run in a process of their own (as real clients would; on a small machine they still share its cores
+with the server); `--same-process` runs them on the server's event loop thread's process instead, where they also
+compete for its interpreter lock, a floor for separate clients.
 
     python benchmarks/serve_load.py [--preset small] [--clients 32] [--rounds 3] [--max-tokens 32]
                                     [--max-batch 16] [--speculative] [--no-compile] [--threads N]
-                                    [--out runs/bench-serve.json]
+                                    [--same-process] [--out runs/bench-serve.json]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import threading
 import time
 from pathlib import Path
@@ -66,6 +69,16 @@ async def client(http: httpx.AsyncClient, url: str, i: int, args) -> list[dict]:
     return records
 
 
+def load_in_process(url: str, args) -> tuple[list[dict], float]:
+    """`load` in a fresh process (spawned: no copy of the server's threads)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_load, (url, args))
+
+
+def run_load(url: str, args) -> tuple[list[dict], float]:
+    return asyncio.run(load(url, args))
+
+
 async def load(url: str, args) -> tuple[list[dict], float]:
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(limits=limits, timeout=600) as http:
@@ -97,6 +110,7 @@ def main() -> None:
                     "(the server's default), warmed up before the clients start")
     ap.add_argument("--threads", type=int, help="torch threads (default: as `nanoseek serve`, one core fewer than "
                     "torch's choice, left to the event loop)")
+    ap.add_argument("--same-process", action="store_true", help="the clients in the server's process")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
@@ -115,7 +129,7 @@ def main() -> None:
     with running(app) as url:
         sampler = threading.Thread(target=sample_batch, daemon=True)
         sampler.start()
-        records, wall = asyncio.run(load(url, args))
+        records, wall = run_load(url, args) if args.same_process else load_in_process(url, args)
         done.set()
         sampler.join()
     engine = Engine(model, tok, args.max_batch, 256, args.speculative, args.compile)
@@ -132,9 +146,11 @@ def main() -> None:
               "latency_s": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99))},
               "ttft_s": {"p50": float(np.percentile(ttft, 50)), "p99": float(np.percentile(ttft, 99))},
               "mean_batch_when_busy": float(np.mean(busy)) if busy else 0.0, "compile": args.compile,
+              "clients_in_server_process": args.same_process,
               "offline_tokens_per_s": offline_tokens_per_s}
     result["server_over_offline"] = result["tokens_per_s"] / offline_tokens_per_s
-    print(f"{args.preset} preset ({result['parameters']:,} parameters), {args.clients} streaming clients x "
+    print(f"{args.preset} preset ({result['parameters']:,} parameters), {args.clients} streaming clients "
+          f"({'in the server process' if args.same_process else 'in a process of their own'}) x "
           f"{args.rounds} requests of {args.max_tokens} tokens, max batch {args.max_batch}"
           f"{', MTP speculative' if args.speculative else ''}{', compiled' if args.compile else ', eager'}, "
           f"{result['torch_threads']} torch threads")
