@@ -108,9 +108,10 @@ class Experts(nn.Module):
     def forward_fixed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` without data-dependent shapes (the compiled decode step): a fixed number N of tokens that
-        choose fewer slots than there are experts (N K < E) gathers its experts' weights; any other number runs
-        every expert, weighted zero where not chosen (cheaper than gathering N K weight copies, and one graph for
-        every batch size). Unsharded experts in the weights' own precision."""
+        choose fewer slots than there are experts (N K < E) gathers its experts' weights; in a compiled graph any
+        other number runs every expert, weighted zero where not chosen (cheaper than gathering N K weight copies,
+        and one graph for every batch size), while eagerly it takes `forward`'s sorted grouped GEMMs, which skip
+        the unchosen experts. Unsharded experts in the weights' own precision."""
         N, (E, I, D) = indices.shape[0], self.gate_proj.shape
         flat = indices.flatten()
         counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
@@ -119,6 +120,8 @@ class Experts(nn.Module):
             h = F.silu(torch.einsum("nd,nkid->nki", x, self.gate_proj[indices]))
             h = h * torch.einsum("nd,nkid->nki", x, self.up_proj[indices]) * g[..., None]
             return torch.einsum("nki,nkdi->nd", h, self.down_proj[indices]), counts
+        if not torch.compiler.is_compiling():
+            return self(x, weights, indices)
         chosen = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, g)  # (N, E): g_i, or 0
         h = F.silu(F.linear(x, self.gate_proj.view(E * I, D))) * F.linear(x, self.up_proj.view(E * I, D))
         h = h.view(N, E, I) * chosen[..., None]
