@@ -270,3 +270,16 @@ def test_cli_serve_with_a_bad_model_dir(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "missing" in err and "Traceback" not in err
+
+
+def test_a_compiling_server_warms_up_before_it_takes_requests(model, tok, monkeypatch):
+    """The warm-up (compiling the decode step; stood in for here) runs once, before the server is up."""
+    from nanoseek.engine import Engine
+    order = []
+    monkeypatch.setattr(Engine, "warmup", lambda self, params=None: order.append("warm-up") or 0.0)
+    app = create_app(model, tok, NAME, max_batch=2, compile=True)
+    assert app.state.worker.engine.compile
+    with running(app) as url:
+        order.append("serving")
+        assert health(url)["requests"] == 0
+    assert order == ["warm-up", "serving"]
