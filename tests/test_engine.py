@@ -222,7 +222,7 @@ def test_compiled_steps_give_the_eager_tokens(model, cyclic_model, tok):
 
 
 def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(model, tok, monkeypatch):
-    def broken(fn):
+    def broken(fn, cpp_wrapper=False):
         def fail(*args):
             raise RuntimeError("no C++ compiler\nmore detail")
         return fail
