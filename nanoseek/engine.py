@@ -80,6 +80,15 @@ class _Sequence:
         return 0.0 if self.params.greedy else float(torch.rand((), generator=self.generator))
 
 
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens all the prompts share, leaving each at least one of its own."""
+    n = min(len(p) for p in prompts) - 1
+    for i in range(n):
+        if any(p[i] != prompts[0][i] for p in prompts):
+            return i
+    return max(n, 0)
+
+
 # ---- the fixed-shape steps (compiled with `compile=True`) ---------------------------------------------------------
 def decode_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: list[LatentCache],
                 cache_len: int, rows: RowSettings, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -253,7 +262,8 @@ class Engine:
     def _prefill(self, admitted: list[_Sequence]) -> list[Event]:
         """Prefill the admitted sequences into the next free slots: each distinct prompt once, in right-padded
         forwards of `prefill_chunk` tokens, into the slots of its first sequence; its other sequences get copies
-        of those cache rows."""
+        of those cache rows. A prefix all the distinct prompts share (a system prompt) is computed once, in the
+        first row, and copied to the others before their remainders are prefilled."""
         by_prompt: dict[tuple[int, ...], list[_Sequence]] = {}
         for seq in admitted:
             by_prompt.setdefault(tuple(seq.c.prompt_ids), []).append(seq)
@@ -266,8 +276,17 @@ class Engine:
             ids[row, :lengths[row]] = torch.tensor(seq.c.prompt_ids)
         ids = ids.to(self.device)
         main, mtp = self._rows(first_slot, first_slot + len(firsts))
-        h = torch.cat([self.model(ids[:, s:s + self.prefill_chunk], cache=main, start_pos=s).hidden
-                       for s in range(0, ids.shape[1], self.prefill_chunk)], dim=1)  # (U, L, D)
+        shared = shared_prefix([seq.c.prompt_ids for seq in firsts]) if len(firsts) > 1 else 0
+        h = []  # hidden states (U, *, D) of every prompt position, in chunks
+        for start, end, rows in [(0, shared, slice(0, 1)), (shared, ids.shape[1], slice(None))]:
+            for s in range(start, end, self.prefill_chunk):
+                e = min(s + self.prefill_chunk, end)
+                h.append(self.model(ids[rows, s:e], cache=[c[rows] for c in main], start_pos=s).hidden
+                         .expand(len(firsts), -1, -1))
+            if rows == slice(0, 1) and shared:  # the other rows get the shared prefix's cache entries
+                for c in main:
+                    c.kv[1:, :shared], c.pe[1:, :shared] = c.kv[:1, :shared], c.pe[:1, :shared]
+        h = torch.cat(h, dim=1)  # (U, L, D)
         if self.speculative:  # MTP entries (h_i, t_{i+1}) for i <= L-3; the draft does the rest
             for s in range(0, ids.shape[1] - 2, self.prefill_chunk):
                 e = min(s + self.prefill_chunk, ids.shape[1] - 2)

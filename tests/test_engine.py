@@ -87,9 +87,31 @@ def test_a_repeated_prompt_is_prefilled_once_and_its_samples_stay_seeded(model, 
 
     monkeypatch.setattr(model, "forward", counting)
     together = Engine(model, tok, max_batch=5, max_len=64).generate(prompts, params)
-    assert prefill_rows == [2]  # one forward, one row per distinct prompt
+    assert prefill_rows == [1, 2]  # the shared [0, 3] once, then one row per distinct prompt
     assert [c.token_ids for c in together] == alone
     assert len({tuple(t) for t in alone[:3]}) > 1  # the copies of one prompt still sample differently
+
+
+def test_a_shared_prefix_is_prefilled_once(model, tok, monkeypatch):
+    system = [0, 3, 60, 61, 62, 63, 64, 65, 66, 67]  # a system prompt every request starts with
+    prompts = [system + [20, 21], system + [30], system + [40, 41, 42]]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    alone = [Engine(model, tok, max_batch=1, max_len=64).generate([p], params)[0] for p in prompts]
+    shapes = []
+    forward = model.forward
+
+    def recording(input_ids, *args, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording)
+    together = Engine(model, tok, max_batch=3, max_len=64, prefill_chunk=4).generate(prompts, params)
+    assert shapes[:4] == [(1, 4), (1, 4), (1, 2), (3, 3)]  # the prefix in chunks of 4, one row; then the rest
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert all(torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+               for a, b in zip(together, alone))
+    speculative = Engine(model, tok, max_batch=3, max_len=64, prefill_chunk=4, speculative=True)
+    assert [c.token_ids for c in speculative.generate(prompts, params)] == [c.token_ids for c in alone]
 
 
 def test_stops_and_finish_reasons(model, tok):

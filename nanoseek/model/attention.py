@@ -40,6 +40,10 @@ class LatentCache:
     kv: torch.Tensor  # (B, max_len, kv_lora_rank): normalised c^KV
     pe: torch.Tensor  # (B, max_len, qk_rope_head_dim): k^R after rope
 
+    def __getitem__(self, rows) -> "LatentCache":
+        """A view of some rows (a slice)."""
+        return LatentCache(self.kv[rows], self.pe[rows])
+
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, device=None) -> "LatentCache":
         return cls(torch.zeros(batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device),
