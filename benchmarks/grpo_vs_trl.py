@@ -3,7 +3,7 @@ process. Reports seconds per step, completion tokens/s, reward per step, total w
 first reach a reward both reach; the goal is nanoseek at that reward in at most a quarter of TRL's wall time on CPU.
 
     python benchmarks/grpo_vs_trl.py [--base DIR] [--steps 10] [--group-size 8] [--prompts-per-step 4] \\
-        [--max-new-tokens 64] [--lr 3e-4] [--threads 1] [--out FILE.json]
+        [--max-new-tokens 64] [--lr 3e-4] [--threads 1] [--compile-decode] [--out FILE.json]
 
 The model is a nanoseek directory (Hugging Face DeepseekV3: TRL loads it with `AutoModelForCausalLM`, its tokenizer
 with `AutoTokenizer`). `--base DIR` takes DIR (or DIR/model) if it holds one, e.g. a pipeline run's
@@ -82,7 +82,8 @@ def run_nanoseek(args, base: Path, out: Path) -> dict:
                       lr=args.lr, warmup_steps=0, schedule="wsd", decay_fraction=0.0, weight_decay=0.1,
                       grad_clip=1.0, max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=0.0,
                       num_iterations=1, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, mask_truncated=True,
-                      bias_gamma=0.0, save_every=args.steps, keep_last=1, seed=args.seed, out=str(out))
+                      bias_gamma=0.0, save_every=args.steps, keep_last=1, seed=args.seed, out=str(out),
+                      compile_decode=args.compile_decode)
     ends, prompts = [], []
     original_step, original_problems = Trainer.train_step, grpo.RolloutSource.problems
 
@@ -215,6 +216,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--last", type=int, default=3, help="final reward: the mean over this many last steps")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile-decode", action="store_true", help="nanoseek's rollouts through the compiled decode "
+                    "step (its compiling falls in the first steps)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
 
