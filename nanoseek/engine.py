@@ -80,6 +80,11 @@ class _Sequence:
         return 0.0 if self.params.greedy else float(torch.rand((), generator=self.generator))
 
 
+def uniforms(rows: list[_Sequence], device) -> torch.Tensor:
+    """Each row's next uniform number (n,)."""
+    return torch.tensor([s.uniform() for s in rows], device=device)
+
+
 def shared_prefix(prompts: list[list[int]]) -> int:
     """How many leading tokens all the prompts share, leaving each at least one of its own."""
     n = min(len(p) for p in prompts) - 1
@@ -277,16 +282,12 @@ class Engine:
         ids = ids.to(self.device)
         main, mtp = self._rows(first_slot, first_slot + len(firsts))
         shared = shared_prefix([seq.c.prompt_ids for seq in firsts]) if len(firsts) > 1 else 0
-        h = []  # hidden states (U, *, D) of every prompt position, in chunks
-        for start, end, rows in [(0, shared, slice(0, 1)), (shared, ids.shape[1], slice(None))]:
-            for s in range(start, end, self.prefill_chunk):
-                e = min(s + self.prefill_chunk, end)
-                h.append(self.model(ids[rows, s:e], cache=[c[rows] for c in main], start_pos=s).hidden
-                         .expand(len(firsts), -1, -1))
-            if rows == slice(0, 1) and shared:  # the other rows get the shared prefix's cache entries
-                for c in main:
-                    c.kv[1:, :shared], c.pe[1:, :shared] = c.kv[:1, :shared], c.pe[:1, :shared]
-        h = torch.cat(h, dim=1)  # (U, L, D)
+        parts = []  # hidden states of every prompt position
+        if shared:  # once, in the first row; the other rows get copies of its cache entries
+            parts.append(self._forward_chunks(ids[:1, :shared], [c[:1] for c in main], 0).expand(len(firsts), -1, -1))
+            for c in main:
+                c.kv[1:, :shared], c.pe[1:, :shared] = c.kv[:1, :shared], c.pe[:1, :shared]
+        h = torch.cat(parts + [self._forward_chunks(ids[:, shared:], main, shared)], dim=1)  # (U, L, D)
         if self.speculative:  # MTP entries (h_i, t_{i+1}) for i <= L-3; the draft does the rest
             for s in range(0, ids.shape[1] - 2, self.prefill_chunk):
                 e = min(s + self.prefill_chunk, ids.shape[1] - 2)
@@ -305,6 +306,12 @@ class Engine:
             events += self._sample_rows(group, logits[row].expand(len(group), -1))
         return events
 
+    def _forward_chunks(self, ids: torch.Tensor, cache: list[LatentCache], start: int) -> torch.Tensor:
+        """ids (U, T) at positions start.. through the model into the cache, `prefill_chunk` tokens at a time ->
+        the hidden states (U, T, D)."""
+        return torch.cat([self.model(ids[:, s:s + self.prefill_chunk], cache=cache, start_pos=start + s).hidden
+                          for s in range(0, ids.shape[1], self.prefill_chunk)], dim=1)
+
     def _rows(self, start: int, end: int) -> tuple[list[LatentCache], list[LatentCache]]:
         """Views of the cache rows start..end-1: the main layers', the MTP layers'."""
         views = [LatentCache(c.kv[start:end], c.pe[start:end]) for c in self.cache]
@@ -312,7 +319,7 @@ class Engine:
 
     def _sample_rows(self, rows: list[_Sequence], logits: torch.Tensor) -> list[Event]:
         """Draw each row's next token from its logits (n, V) with the row's own settings and generator."""
-        u = torch.tensor([s.uniform() for s in rows], device=self.device)
+        u = uniforms(rows, self.device)
         tokens, logprobs = sample(logits, RowSettings.of([s.params for s in rows], self.device), u)
         return [e for seq, t, lp in zip(rows, tokens.tolist(), logprobs.tolist()) for e in self._record(seq, t, lp)]
 
@@ -324,7 +331,7 @@ class Engine:
     def _decode(self) -> list[Event]:
         rows = list(self.active)
         tokens, pos, settings = self._inputs(rows, [[s.pending] for s in rows])
-        u = torch.tensor([s.uniform() for s in rows], device=self.device)
+        u = uniforms(rows, self.device)
         cache_len = max(s.pos for s in rows) + 1
         token, logprob, hidden = self._run(decode_step, self.model, tokens, pos, self._rows(0, len(rows))[0],
                                            cache_len, settings, u)
@@ -352,8 +359,7 @@ class Engine:
         q = self._run(draft_step, self.model, h, pending, pos, mtp, reach, settings).cpu()
         if not all(s.pos + 1 < self.max_len and len(s.c.token_ids) + 1 < s.params.max_new_tokens for s in rows):
             return self._decode()  # a row has room for one more token only
-        drafts = [draw_one(q[i], s.generator) if not s.params.greedy else int(q[i].argmax())
-                  for i, s in enumerate(rows)]
+        drafts = [draw_one(q[i], s.generator) for i, s in enumerate(rows)]
         tokens = torch.tensor([[s.pending, d] for s, d in zip(rows, drafts)], device=self.device)
         torch._dynamo.mark_static(tokens, 1)
         p, logp, hidden = self._run(verify_step, self.model, tokens, pos, main, reach + 2, settings)
@@ -369,7 +375,7 @@ class Engine:
                 self.accepted += 1
                 seq.pos += 1
                 seq.hidden, seq.prev = hidden[i, :2], token
-                after = draw_one(p[i, 1], seq.generator) if not seq.params.greedy else int(p[i, 1].argmax())
+                after = draw_one(p[i, 1], seq.generator)
                 events += self._record(seq, after, float(logp[i, 1, after]))
         return events
 

@@ -113,15 +113,16 @@ class Experts(nn.Module):
         and one graph for every batch size), while eagerly it takes `forward`'s sorted grouped GEMMs, which skip
         the unchosen experts. Unsharded experts in the weights' own precision."""
         N, (E, I, D) = indices.shape[0], self.gate_proj.shape
+        gather = statically_known_true(N * indices.shape[1] < E)  # N a number, not a compiled graph's symbol
+        if not gather and not torch.compiler.is_compiling():
+            return self(x, weights, indices)
         flat = indices.flatten()
         counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
         g = weights.to(x.dtype)
-        if statically_known_true(N * indices.shape[1] < E):  # N a number, not a compiled graph's symbol
+        if gather:
             h = F.silu(torch.einsum("nd,nkid->nki", x, self.gate_proj[indices]))
             h = h * torch.einsum("nd,nkid->nki", x, self.up_proj[indices]) * g[..., None]
             return torch.einsum("nki,nkdi->nd", h, self.down_proj[indices]), counts
-        if not torch.compiler.is_compiling():
-            return self(x, weights, indices)
         chosen = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, g)  # (N, E): g_i, or 0
         h = F.silu(F.linear(x, self.gate_proj.view(E * I, D))) * F.linear(x, self.up_proj.view(E * I, D))
         h = h.view(N, E, I) * chosen[..., None]
