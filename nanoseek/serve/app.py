@@ -1,0 +1,286 @@
+"""The FastAPI app: `create_app` wires a `Server` (the handlers and the state they share) to its routes, error
+handlers and lifespan; `running` serves an app on a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..engine import Completion, Engine
+from ..errors import NanoseekError
+from ..model import Transformer
+from ..sampling import SamplingParams
+from ..tokenizer import ReasoningSplitter, Tokenizer
+from .schemas import (UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, choice, sse,
+                      usage)
+from .worker import EngineWorker, Job, job_events
+
+log = logging.getLogger(__name__)
+POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
+bearer = HTTPBearer(auto_error=False)
+
+
+def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+               max_batch: int = 16, max_queue: int = 64, speculative: bool = False,
+               max_len: int | None = None, compile: bool = False) -> FastAPI:
+    """The server for one model. `max_len` (default: the model's context) is the longest sequence, prompt and
+    reply together; the engine's latent cache holds max_batch x max_len tokens. `compile`: the Engine's compiled
+    decode step, warmed up before the server takes requests."""
+    if max_batch < 1 or max_queue < 1:
+        raise NanoseekError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+    worker = EngineWorker(lambda: Engine(model, tokenizer, max_batch, max_len, speculative, compile), max_queue)
+    server = Server(worker, tokenizer, model_name, model.cfg.vocab_size, api_key, max_batch, compile)
+    app = FastAPI(title="nanoseek", version=__version__, lifespan=server.lifespan,
+                  description="An OpenAI-compatible API for a DeepSeek-V3-architecture model.")
+    app.state.worker = worker
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(NanoseekError, user_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+    app.get("/", include_in_schema=False)(server.page)
+    app.get("/health")(server.health)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(server.authorize)])
+    v1.get("/models")(server.models)
+    v1.get("/models/{model_id:path}")(server.model_info)
+    v1.post("/chat/completions")(server.chat_completions)
+    v1.post("/completions")(server.completions)
+    app.include_router(v1)
+    return app
+
+
+# ---- errors: all in OpenAI's shape -----------------------------------------------------------------------------
+async def api_error(request: Request, e: APIError) -> JSONResponse:
+    return e.response()
+
+
+async def user_error(request: Request, e: NanoseekError) -> JSONResponse:
+    """Sampling settings out of range, a bad chat message."""
+    return APIError(400, str(e)).response()
+
+
+async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    err = max(e.errors(), key=lambda x: len(x["loc"]))  # for a union, the branch that got furthest
+    if err["type"] == "json_invalid":
+        return APIError(400, f"the body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})",
+                        code="invalid_json").response()
+    # the field's path, without "body" and the names pydantic gives the branches of a union ("str", "list[str]")
+    param = ".".join(str(p) for p in err["loc"] if p not in ("body", "str", "int") and "[" not in str(p)) or None
+    return APIError(400, f"{param or 'the body'}: {err['msg']}", param).response()
+
+
+async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+    message = f"Invalid URL ({request.method} {request.url.path})" if e.status_code == 404 else str(e.detail)
+    return APIError(e.status_code, message).response()
+
+
+async def server_error(request: Request, e: Exception) -> JSONResponse:
+    return APIError(500, "internal server error; see the server log").response()
+
+
+# ---- the handlers ----------------------------------------------------------------------------------------------
+class Server:
+    """One model behind an EngineWorker: the route handlers and what they share (the worker, the tokenizer, the
+    model's name, the limits)."""
+
+    def __init__(self, worker: EngineWorker, tokenizer: Tokenizer, model_name: str, vocab: int,
+                 api_key: str | None, max_batch: int, compile: bool):
+        self.worker, self.tokenizer, self.model_name, self.vocab = worker, tokenizer, model_name, vocab
+        self.api_key, self.max_batch, self.max_queue, self.compile = api_key, max_batch, worker.max_queue, compile
+        self.context = worker.engine.max_len
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Warm up the compiled decode step, then run the engine thread while the app serves."""
+        if self.compile:
+            log.info("decode step compiled in %.1f s", await asyncio.to_thread(self.worker.engine.warmup))
+        self.worker.start()
+        try:
+            yield
+        finally:
+            self.worker.stop()
+
+    async def authorize(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if self.api_key is None:
+            return
+        if credentials is None:
+            raise APIError(401, "an API key is needed: send the header `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+        if not secrets.compare_digest(credentials.credentials.encode(), self.api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    # ---- routes ----
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(importlib.resources.files("nanoseek").joinpath("static/chat.html").read_text("utf-8"))
+
+    async def health(self) -> dict:
+        """Always open (no key): the model, requests in flight and the server's limits."""
+        return {"status": "ok", "model": self.model_name, **self.worker.stats(), "max_batch": self.max_batch,
+                "max_queue": self.max_queue, "context": self.context}
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "nanoseek",
+                "max_model_len": self.context}
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [self.model_card()]}
+
+    async def model_info(self, model_id: str) -> dict:
+        if model_id != self.model_name:
+            raise APIError(404, f"model {model_id!r} is not served here", "model", "model_not_found")
+        return self.model_card()
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        """A reply to the messages (DeepSeek-R1's chat template); reasoning in `reasoning_content`."""
+        prompt = self.tokenizer.apply_chat_template([m.as_dict() for m in body.messages], add_generation_prompt=True)
+        return await self.respond(body, [prompt], "messages", request, chat=True)
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        """Text after each prompt; a text prompt starts with bos, as the tokenizer's add_bos_token says."""
+        prompts = [body.prompt] if isinstance(body.prompt, str) or not body.prompt or isinstance(body.prompt[0], int) \
+            else body.prompt  # one prompt (text or ids) or several
+        prompts = [self.tokenizer.encode(p, add_bos=True) if isinstance(p, str) else p for p in prompts]
+        return await self.respond(body, prompts, "prompt", request, chat=False)
+
+    # ---- generation ----
+    async def respond(self, body: GenerationRequest, prompts: list[list[int]], what: str, request: Request,
+                      chat: bool):
+        """Submit one job per prompt and choice; answer with a stream of events or, once all have finished, one
+        response. `what`: the request field that holds the prompts, for error messages."""
+        jobs = self.jobs_for(body, prompts, what)
+        self.worker.submit(jobs)
+        prompt_tokens = sum(map(len, prompts))
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.model_name}
+        if body.stream:
+            head["object"] = "chat.completion.chunk" if chat else "text_completion"
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self.stream(jobs, head, prompt_tokens, include_usage, chat),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watch = asyncio.create_task(self.cancel_when_gone(request, jobs))
+        try:
+            done: dict[int, Completion] = {index: event.completion async for batch in job_events(jobs)
+                                           for index, event in batch if event.finished}
+        finally:
+            watch.cancel()
+            self.worker.cancel(jobs)
+        return {**head, "object": "chat.completion" if chat else "text_completion",
+                "choices": [choice(index, c, chat) for index, c in sorted(done.items())],
+                "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in done.values()))}
+
+    def jobs_for(self, body: GenerationRequest, prompts: list[list[int]], what: str) -> list[Job]:
+        """Check the request against the model and the context; one job per prompt and choice."""
+        if body.model != self.model_name:
+            raise APIError(400, f"model {body.model!r} is not served here; this server has {self.model_name!r}",
+                           "model", "model_not_found")
+        for name, neutral in UNSUPPORTED.items():
+            if (body.model_extra or {}).get(name) not in neutral:
+                raise APIError(400, f"{name} is not supported by this server", name)
+        n = body.n or 1
+        if n * len(prompts) > self.max_queue:
+            raise APIError(400, f"n x prompts = {n * len(prompts)} choices; this server takes at most "
+                           f"{self.max_queue} at once", "n")
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        loop, events, jobs = asyncio.get_running_loop(), asyncio.Queue(), []
+        context = self.context
+        for p, ids in enumerate(prompts):
+            if not ids:
+                raise APIError(400, f"{what}: the prompt is empty", what)
+            if not all(0 <= i < self.vocab for i in ids):
+                raise APIError(400, f"{what}: token ids must be in [0, {self.vocab})", what)
+            if len(ids) >= context:
+                raise APIError(400, f"{what}: the prompt has {len(ids)} tokens; this model's context holds {context} "
+                               "(prompt and reply together)", what, "context_length_exceeded")
+            room = context - len(ids)
+            if asked is not None and asked > room:
+                raise APIError(400, f"max_tokens = {asked} is too large: the prompt has {len(ids)} tokens and the "
+                               f"context holds {context}, so at most {room} can be generated", "max_tokens",
+                               "context_length_exceeded")
+            for i in range(n):
+                params = SamplingParams(
+                    max_new_tokens=room if asked is None else asked,
+                    temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+                    seed=None if body.seed is None else body.seed + i, stop=stop, ignore_eos=body.ignore_eos)
+                jobs.append(Job(ids, params, p * n + i, events, loop))
+        return jobs
+
+    async def cancel_when_gone(self, request: Request, jobs: list[Job]) -> None:
+        """Cancel the jobs of a non-streaming request whose client has gone (checked every POLL_S seconds)."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(POLL_S)
+        self.worker.cancel(jobs)
+
+    async def stream(self, jobs: list[Job], head: dict, prompt_tokens: int, include_usage: bool,
+                     chat: bool) -> AsyncIterator[str]:
+        """Server-sent events: per choice a first chunk (chat: the role), text deltas, a chunk with the
+        finish_reason; then with include_usage a last chunk with the usage and no choices; then [DONE]."""
+        splitters = {job.index: ReasoningSplitter() for job in jobs}
+        null_usage = {"usage": None} if include_usage else {}
+
+        def chunk(index: int, fields: dict, finish_reason: str | None = None) -> str:
+            return sse({**head, "choices": [{"index": index, **fields, "logprobs": None,
+                                             "finish_reason": finish_reason}], **null_usage})
+
+        completion_tokens = 0
+        try:
+            for job in jobs if chat else []:
+                yield chunk(job.index, {"delta": {"role": "assistant", "content": ""}})
+            async for batch in job_events(jobs):
+                chunks = []  # written together
+                for index, event in batch:
+                    if chat:
+                        reasoning, content = splitters[index].feed(event.new_text, final=event.finished)
+                        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+                        if delta:
+                            chunks.append(chunk(index, {"delta": delta}))
+                    elif event.new_text:
+                        chunks.append(chunk(index, {"text": event.new_text}))
+                    if event.finished:
+                        completion_tokens += len(event.completion.token_ids)
+                        chunks.append(chunk(index, {"delta": {}} if chat else {"text": ""},
+                                            event.completion.finish_reason))
+                if chunks:
+                    yield "".join(chunks)
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield "data: [DONE]\n\n"
+        except APIError as e:  # the status line has gone out: the error travels as an event
+            yield sse(e.body)
+        finally:  # a client that went away (the stream closed early) frees its slots; finished jobs are left alone
+            self.worker.cancel(jobs)
+
+
+@contextlib.contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` with uvicorn on a background thread (port 0: a free one); yields the base URL, stops on exit."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()

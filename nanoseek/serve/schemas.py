@@ -1,0 +1,104 @@
+"""The API's wire format: request models (pydantic, strict), OpenAI-shaped errors, and the pieces of responses."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine import Completion
+from ..tokenizer import split_reasoning
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    TYPES = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": self.TYPES.get(status, "invalid_request_error"),
+                               "param": param, "code": code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)
+
+
+# ---- requests --------------------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # "1" is not a number; unknown fields are ignored
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: str | list[TextPart]
+
+    def as_dict(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class GenerationRequest(_Strict):  # the fields both endpoints share
+    model: str
+    max_tokens: int | None = Field(None, ge=1, description="default: what the context leaves after the prompt")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+    temperature: float | None = Field(None, description="default 1; 0 is greedy")
+    top_p: float | None = None
+    top_k: int | None = Field(None, description="extension: sample from the k most likely tokens (0: all)")
+    seed: int | None = Field(None, ge=-2**63, lt=2**63, description="choice i samples with seed + i")
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(1, ge=1, description="choices per prompt")
+    ignore_eos: bool = Field(False, description="extension: go on past the end-of-sentence token")
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text(s), or token ids")
+
+
+# Known OpenAI fields this server cannot honour: a request that sets one to anything but these values gets a 400.
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+               "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+               "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
+               "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+
+
+# ---- responses -------------------------------------------------------------------------------------------------
+def sse(obj: dict) -> str:
+    """One server-sent event: `data: <compact JSON>` and a blank line."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def choice(index: int, c: Completion, chat: bool) -> dict:
+    """A finished choice of a non-streaming response (chat: a message, the `<think>` part in reasoning_content)."""
+    if chat:
+        reasoning, content = split_reasoning(c.text)
+        message = {"role": "assistant", "content": content}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        fields = {"message": message}
+    else:
+        fields = {"text": c.text}
+    return {"index": index, **fields, "logprobs": None, "finish_reason": c.finish_reason}
