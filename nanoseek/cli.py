@@ -12,13 +12,6 @@ from .config import PRESETS, ModelConfig
 from .errors import NanoseekError, TrainError
 
 
-def _human(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:.0f}"
-
-
 def _load_config(args) -> tuple[ModelConfig, str]:
     if args.model:
         return ModelConfig.load(args.model), str(args.model)
@@ -26,7 +19,7 @@ def _load_config(args) -> tuple[ModelConfig, str]:
 
 
 def cmd_info(args) -> None:
-    from .cost import model_info
+    from .cost import format_count, model_info
     cfg, source = _load_config(args)
     info = model_info(cfg, args.seq_len)
     if args.json:
@@ -34,19 +27,19 @@ def cmd_info(args) -> None:
         return
     p, kv, fl = info["params"], info["kv_cache_per_token"], info["flops_per_token"]
     rows = [
-        ("total parameters (main model, no MTP)", f"{p['total']:,}", _human(p["total"])),
+        ("total parameters (main model, no MTP)", f"{p['total']:,}", format_count(p["total"])),
         ("activated per token (embedding and head included, see below)", f"{p['activated']:,}",
-         _human(p["activated"])),
+         format_count(p["activated"])),
         ("activated per token without the embedding", f"{p['activated_without_embedding']:,}",
-         _human(p["activated_without_embedding"])),
-        ("MTP modules (unique; embedding and head shared)", f"{p['mtp_total']:,}", _human(p["mtp_total"])),
+         format_count(p["activated_without_embedding"])),
+        ("MTP modules (unique; embedding and head shared)", f"{p['mtp_total']:,}", format_count(p["mtp_total"])),
         ("KV cache per token, MLA (BF16)", f"{kv['mla_bytes']:,} B", f"{kv['mla_values']:,} values"),
         ("KV cache per token, equivalent MHA (BF16)", f"{kv['mha_bytes']:,} B",
          f"{kv['mha_bytes'] / kv['mla_bytes']:.1f}x MLA"),
         (f"forward FLOPs per token (seq {fl['seq_len']}): 2 x matmul weights + attention",
-         f"{fl['forward']:.4g}", f"{_human(fl['forward_matmul'])} + {_human(fl['forward_attention'])}"),
-        ("training FLOPs per token (3 x forward), main model", f"{fl['training']:.4g}", _human(fl["training"])),
-        ("training FLOPs per token, MTP modules", f"{fl['mtp_training']:.4g}", _human(fl["mtp_training"])),
+         f"{fl['forward']:.4g}", f"{format_count(fl['forward_matmul'])} + {format_count(fl['forward_attention'])}"),
+        ("training FLOPs per token (3 x forward), main model", f"{fl['training']:.4g}", format_count(fl["training"])),
+        ("training FLOPs per token, MTP modules", f"{fl['mtp_training']:.4g}", format_count(fl["mtp_training"])),
     ]
     print(f"nanoseek info: {source}")
     width = max(len(r[0]) for r in rows)
@@ -133,6 +126,7 @@ def cmd_data_build(args) -> None:
 
 def cmd_tokenizer_train(args) -> None:
     """Byte-level BPE on data files: .txt (one document each), .jsonl rows (prompt + solution, or text), .parquet."""
+    from .cost import format_count
     from .tokenizer import RESERVED, train_tokenizer
     from .train.lm import tokenizer_texts
     seen = {"documents": 0, "characters": 0}
@@ -147,7 +141,7 @@ def cmd_tokenizer_train(args) -> None:
     tok = train_tokenizer(texts(), args.vocab_size, show_progress=True, digits=args.digits)
     tok.save(args.out)
     print(f"nanoseek tokenizer train: {len(args.data)} files, {seen['documents']:,} documents, "
-          f"{_human(seen['characters'])} characters in {time.perf_counter() - t0:.1f} s")
+          f"{format_count(seen['characters'])} characters in {time.perf_counter() - t0:.1f} s")
     print(f"  vocabulary: {tok.vocab_size:,} tokens, ids 0-{len(RESERVED) - 1} reserved ({', '.join(RESERVED)})")
     if tok.vocab_size < args.vocab_size:
         print(f"  the corpus supports only {tok.vocab_size:,} of the {args.vocab_size:,} tokens asked for")
@@ -279,7 +273,8 @@ def cmd_report(args) -> None:
 
 def cmd_cost(args) -> None:
     """Training FLOPs, GPU-hours, MFU and dollars of a model, and its serving memory; or the measured cost of a run."""
-    from .cost import format_dollars, format_run_cost, run_cost, serving_memory, training_cost
+    from .cost import (format_count, format_run_cost, format_serving_memory, format_training_cost, run_cost,
+                       serving_memory, training_cost)
     from .errors import ConfigError
     if args.run:
         if any(v is not None for v in (args.tokens, args.tokens_per_s, args.gpu_hours)):
@@ -299,42 +294,10 @@ def cmd_cost(args) -> None:
     if args.json:
         print(json.dumps({"source": source, "training": t, "serving": s}, indent=2))
         return
-    g, f, per = t["gpu"], t["flops"], t["flops"]["per_token"]
-    print(f"nanoseek cost: {source}, {_human(args.tokens)} tokens at context {args.seq_len:,}, {g['name']}")
-    print("training FLOPs per token")
-    scale, unit = (1e9, "GFLOP") if per["total"] >= 1e9 else (1e6, "MFLOP")
-    for name, value in ((f"6 x N, N = {_human(f['activated_matmul_params'])} activated matmul weights", per["matmul"]),
-                        (f"attention scores and values over a causal {args.seq_len:,}-token context",
-                         per["attention"]), ("MTP modules", per["mtp"]), ("total", per["total"])):
-        print(f"  {name:<62} {value / scale:>12,.2f} {unit}")
-    print(f"  {'in all, ' + _human(args.tokens) + ' tokens':<62} {f['total']:>12.4g} FLOP")
-    given = {"mfu": f"at {t['given']:.1%} MFU (given)", "gpu_hours": f"from {t['gpu_hours']:,.0f} GPU-hours (given)",
-             "tokens_per_s": f"from {t['given']:,.0f} tokens/s measured on {t['n_gpus']:,} GPU(s)"}[t["basis"]]
-    fp8 = f", {t['mfu']['fp8']:.1%} of its dense FP8 peak ({g['fp8'] / 1e12:,.1f} TFLOP/s)" if g["fp8"] else ""
-    print(f"training on {g['name']} {given}")
-    print(f"  per GPU:  {t['achieved_flops_per_s'] / 1e12:,.1f} TFLOP/s, {t['tokens_per_s_per_gpu']:,.0f} tokens/s")
-    print(f"  MFU:      {t['mfu']['bf16']:.1%} of the dense BF16 peak ({g['bf16'] / 1e12:,.1f} TFLOP/s){fp8}")
-    print(f"  cost:     {t['gpu_hours']:,.0f} GPU-hours x ${t['price']:.2f} = {format_dollars(t['dollars'])}")
-    if args.gpus:
-        print(f"  wall:     {t['days']:,.1f} days on {args.gpus:,} GPUs")
-    print(f"the same FLOPs at {t['mfu'][t['precision']]:.1%} MFU ({t['precision'].upper()} peaks) on each GPU type")
-    print(f"  {'GPU':<14} {'peak TFLOP/s':>12} {'GPU-hours':>14} {'$/hour':>7} {'dollars':>11}"
-          + (f" {'days on ' + format(args.gpus, ','):>14}" if args.gpus else ""))
-    for r in t["by_gpu"].values():
-        if r["gpu_hours"] is None:
-            print(f"  {r['name']:<14} {'no ' + t['precision'].upper():>12}")
-            continue
-        print(f"  {r['name']:<14} {r['peak'] / 1e12:>12,.1f} {r['gpu_hours']:>14,.0f} {r['price']:>7.2f} "
-              f"{format_dollars(r['dollars']):>11}" + (f" {r['days']:>14,.1f}" if args.gpus else ""))
-    w, kv, n = s["weights_bytes"], s["kv_cache_bytes"], s["min_gpus"]
-    print(f"serving {s['batch']:,} sequence(s) of {s['context']:,} tokens")
-    print(f"  weights:  BF16 {w['bf16'] / 1e9:,.1f} GB, FP8 {w['fp8'] / 1e9:,.1f} GB, 4-bit {w['4bit'] / 1e9:,.1f} GB")
-    print(f"  KV cache: MLA {kv['mla'] / 1e9:,.3f} GB ({s['kv_bytes_per_token']['mla']:,} B/token); the equivalent "
-          f"MHA {kv['mha'] / 1e9:,.3f} GB ({s['kv_bytes_per_token']['mha']:,} B/token), BF16")
-    labels = {"bf16": "BF16", "fp8": "FP8", "4bit": "4-bit"}
-    print(f"  fewest {g['name']} ({g['memory_gib']:g} GiB) holding weights + KV cache, nothing else: "
-          + ", ".join(f"{label} {n[p]['mla']}" for p, label in labels.items())
-          + " (with MHA's cache: " + ", ".join(str(n[p]["mha"]) for p in labels) + ")")
+    print(f"nanoseek cost: {source}, {format_count(args.tokens)} tokens at context {args.seq_len:,}, "
+          f"{t['gpu']['name']}")
+    print(format_training_cost(t, wall=bool(args.gpus)))
+    print(format_serving_memory(s))
 
 
 def cmd_claims(args) -> None:
@@ -349,34 +312,36 @@ def cmd_claims(args) -> None:
     print(format_claims(items, markdown=args.markdown))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
+def _model_source(p: argparse.ArgumentParser):
+    """The required --preset | --model choice of a model to count; returns the group for more choices."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
+    source.add_argument("--model", type=Path, help="a Hugging Face DeepseekV3 directory")
+    return source
 
+
+def _add_info(sub) -> None:
     info = sub.add_parser("info", help="parameters, activated parameters, KV cache and FLOPs of a model")
-    src = info.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
-    src.add_argument("--model", type=Path, help="a Hugging Face DeepseekV3 directory")
+    _model_source(info)
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--seq-len", type=int, default=4096, help="context length for the attention FLOPs")
     info.set_defaults(func=cmd_info)
 
+
+def _add_cost(sub) -> None:
     from .cost import quantity
     from .gpus import GPUS
     cost = sub.add_parser("cost", help="training FLOPs, GPU-hours, MFU and dollars; serving memory; a run's cost")
-    cost_source = cost.add_mutually_exclusive_group(required=True)
-    cost_source.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
-    cost_source.add_argument("--model", type=Path, help="a Hugging Face DeepseekV3 directory")
-    cost_source.add_argument("--run", type=Path, help="a run directory (one stage, or a pipeline of stages): measured "
-                             "tokens/s, FLOP/s and MFU, and what the run costs on each GPU type at --mfu")
+    source = _model_source(cost)
+    source.add_argument("--run", type=Path, help="a run directory (one stage, or a pipeline of stages): measured "
+                        "tokens/s, FLOP/s and MFU, and what the run costs on each GPU type at --mfu")
     cost.add_argument("--tokens", type=quantity, help="training tokens: 14.8e12 or 14.8T")
     cost.add_argument("--seq-len", type=int, default=4096, help="training context, for the attention FLOPs")
     cost.add_argument("--gpu", default="h800", help=f"one of {', '.join(GPUS)}")
-    cost_rate = cost.add_mutually_exclusive_group()
-    cost_rate.add_argument("--mfu", type=float, help="model FLOPs utilisation, a fraction of the dense peak "
-                           "(default 0.4)")
-    cost_rate.add_argument("--tokens-per-s", type=quantity, help="measured training tokens/s of the --gpus together")
-    cost_rate.add_argument("--gpu-hours", type=quantity, help="claimed GPU-hours (2.664e6, 2.664M): the MFU they imply")
+    rate = cost.add_mutually_exclusive_group()
+    rate.add_argument("--mfu", type=float, help="model FLOPs utilisation, a fraction of the dense peak (default 0.4)")
+    rate.add_argument("--tokens-per-s", type=quantity, help="measured training tokens/s of the --gpus together")
+    rate.add_argument("--gpu-hours", type=quantity, help="claimed GPU-hours (2.664e6, 2.664M): the MFU they imply")
     cost.add_argument("--gpus", type=int, help="GPUs training together: the wall-clock time, and the throughput's GPUs")
     cost.add_argument("--price", type=float, help="$ per GPU-hour of --gpu (default: nanoseek/gpus.py's)")
     cost.add_argument("--precision", choices=["bf16", "fp8"], default="bf16", help="the dense peak MFU is taken of")
@@ -386,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--json", action="store_true", help="print JSON")
     cost.set_defaults(func=cmd_cost)
 
+
+def _add_claims(sub) -> None:
     claims = sub.add_parser("claims", help="the public claims about DeepSeek-V3/R1: sources, checks, verdicts")
     claims.add_argument("--run", type=Path, nargs="+", help="run directories, metrics.jsonl or JSON reports (nanoseek "
                         "eval --speculative --out, benchmarks/decode.py, benchmarks/fp8_vs_fp32.py) to measure from")
@@ -393,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     claims.add_argument("--json", action="store_true", help="print JSON")
     claims.set_defaults(func=cmd_claims)
 
+
+def _add_pipelines(sub) -> None:
+    """`demo` and `pipeline`: the same options, a recipe required only by `pipeline`."""
     for name, text in (("demo", "the main job: data -> tokenizer -> pretrain -> GRPO (against an equal-time "
                                 "control) -> distil (against the student's own GRPO), evaluated, exported, reported "
                                 "(about 9 min on 2 CPU cores)"),
@@ -406,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fresh", action="store_true", help="delete the run directory's earlier run and start over")
         p.set_defaults(func=cmd_pipeline)
 
+
+def _add_tasks(sub) -> None:
     tasks = sub.add_parser("tasks", help="generated, machine-verifiable task families").add_subparsers(
         dest="tasks_command", required=True)
     tasks.add_parser("list", help="the task families and their difficulty levels").set_defaults(func=cmd_tasks_list)
@@ -416,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=cmd_tasks_sample)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="corpora").add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="a JSONL corpus of problems from a task recipe, with a held-out split")
     build.add_argument("--recipe", required=True, help="a recipe file, or the name of one in recipes/")
@@ -429,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=cmd_data_build)
 
+
+def _add_tokenizer(sub) -> None:
     tokenizer = sub.add_parser("tokenizer", help="byte-level BPE tokenizers").add_subparsers(
         dest="tokenizer_command", required=True)
     tok_train = tokenizer.add_parser("train", help="train a byte-level BPE with DeepSeek's special tokens")
@@ -441,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--out", type=Path, required=True,
                            help="directory for tokenizer.json + tokenizer_config.json (other files in it stay)")
     tok_train.set_defaults(func=cmd_tokenizer_train)
+
+
+def _add_training(sub) -> None:
+    """One command per training stage: a recipe, then any of its settings as --key value."""
     for stage, what in (("pretrain", "pretrain a V3 model (MoE, MLA, MTP; FP8 optional) on text or task data"),
                         ("sft", "supervised fine-tuning on prompt/solution pairs, loss on the reply only"),
                         ("grpo", "GRPO / Dr. GRPO / DAPO with rewards from the task verifiers (R1-Zero from a base)"),
@@ -450,18 +430,22 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--recipe", help="a recipe file, or the name of one in recipes/ (e.g. cpu-demo)")
         train.set_defaults(func=cmd_train, overrides=[])  # the --key value pairs argparse does not know
 
-    def model_args(p: argparse.ArgumentParser, temperature: float | None, max_tokens: int, compile: bool) -> None:
-        p.add_argument("--model", type=Path, required=True, help="a model directory (with its tokenizer)")
-        p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
-        p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling when the temperature is > 0")
-        p.add_argument("--max-tokens", type=int, default=max_tokens, help="new tokens per completion at most")
-        p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile,
-                       help="torch.compile the decode step: 2-3x the tokens/s at batch 1, after a warm-up of "
-                       "seconds to a minute")
 
+def _model_args(p: argparse.ArgumentParser, temperature: float | None, max_tokens: int, compile: bool) -> None:
+    """The options every command that samples from a model shares, with that command's defaults."""
+    p.add_argument("--model", type=Path, required=True, help="a model directory (with its tokenizer)")
+    p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling when the temperature is > 0")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="new tokens per completion at most")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile,
+                   help="torch.compile the decode step: 2-3x the tokens/s at batch 1, after a warm-up of "
+                   "seconds to a minute")
+
+
+def _add_eval(sub) -> None:
     evaluation = sub.add_parser("eval", help="pass@1, pass@k, maj@k and format rate on task problems")
-    model_args(evaluation, None, 256, compile=False)
+    _model_args(evaluation, None, 256, compile=False)
     source = evaluation.add_mutually_exclusive_group(required=True)
     source.add_argument("--tasks", help="a recipe (file, or name in recipes/) or comma-separated task families")
     source.add_argument("--data", type=Path, help="a problem JSONL, e.g. a run's data/corpus-held-out.jsonl "
@@ -474,14 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", help="write the report as JSON here")
     evaluation.set_defaults(func=cmd_eval)  # temperature None: 0 for one sample, 0.6 (R1's setting) for several
 
+
+def _add_chat(sub) -> None:
     talk = sub.add_parser("chat", help="a streaming multi-turn chat in the terminal")
-    model_args(talk, 0.6, 1024, compile=True)
+    _model_args(talk, 0.6, 1024, compile=True)
     talk.add_argument("--system", help="a system prompt")
     talk.add_argument("--seed", type=int)
     talk.set_defaults(func=cmd_chat)
 
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="completions for prompts from the command line or a file, batched")
-    model_args(gen, 0.0, 256, compile=False)
+    _model_args(gen, 0.0, 256, compile=False)
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     prompts.add_argument("--file", type=Path, help="one prompt per line, or .jsonl rows with a \"prompt\"")
@@ -493,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON line per prompt: prompt, completion, reasoning, "
                      "content, finish_reason, tokens")
     gen.set_defaults(func=cmd_generate)
+
+
+def _add_serve(sub) -> None:
     serve = sub.add_parser("serve", help="an OpenAI-compatible API (and a chat page) for a model directory")
     serve.add_argument("--model", type=Path, required=True, help="a model directory (with its tokenizer)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -509,12 +500,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "torch would take, left to the HTTP layer; 1.4x the tokens/s under load on 2 cores)")
     serve.set_defaults(func=cmd_serve)
 
+
+def _add_report(sub) -> None:
     report = sub.add_parser("report", help="report.md + PNG plots of a run: loss, MaxVio, GRPO, held-out accuracy, "
                             "MFU and cost")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="a stage directory (with metrics.jsonl) or a run of stage directories")
     report.add_argument("--mfu", type=float, default=0.4, help="utilisation assumed for the rented-GPU estimates")
     report.set_defaults(func=cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in (_add_info, _add_cost, _add_claims, _add_pipelines, _add_tasks, _add_data, _add_tokenizer,
+                _add_training, _add_eval, _add_chat, _add_generate, _add_serve, _add_report):
+        add(sub)  # in this order in `nanoseek --help`
     return ap
 
 

@@ -305,6 +305,14 @@ def format_dollars(x: float) -> str:
     return f"${x:.2f}" if x >= 0.01 else f"${x:.1e}"
 
 
+def format_count(n: float) -> str:
+    """A count in short: 14.80T, 36.62B, 3.40M, 2.05K, 512."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def format_run_cost(d: dict) -> str:
     """`run_cost`'s result as markdown: what was measured per stage, then the same FLOPs on each GPU type."""
     stages, total = d["stages"], d["total"]
@@ -334,3 +342,50 @@ def format_run_cost(d: dict) -> str:
         lines.append("RL stages: the step time includes generating the rollouts; the FLOPs count only the policy "
                      "update, so their MFU understates the device's use.")
     return "\n".join(lines)
+
+
+def format_training_cost(t: dict, wall: bool = False) -> str:
+    """`training_cost`'s result as text: the FLOPs per token and in all, the training on its GPU, then the same FLOPs
+    on each GPU type. `wall`: add the days on its `n_gpus` GPUs (when their number was given)."""
+    f, per, g = t["flops"], t["flops"]["per_token"], t["gpu"]
+    scale, unit = (1e9, "GFLOP") if per["total"] >= 1e9 else (1e6, "MFLOP")
+    lines = ["training FLOPs per token"]
+    for name, value in ((f"6 x N, N = {format_count(f['activated_matmul_params'])} activated matmul weights",
+                         per["matmul"]),
+                        (f"attention scores and values over a causal {f['seq_len']:,}-token context",
+                         per["attention"]), ("MTP modules", per["mtp"]), ("total", per["total"])):
+        lines.append(f"  {name:<62} {value / scale:>12,.2f} {unit}")
+    lines.append(f"  {'in all, ' + format_count(f['tokens']) + ' tokens':<62} {f['total']:>12.4g} FLOP")
+    given = {"mfu": f"at {t['given']:.1%} MFU (given)", "gpu_hours": f"from {t['gpu_hours']:,.0f} GPU-hours (given)",
+             "tokens_per_s": f"from {t['given']:,.0f} tokens/s measured on {t['n_gpus']:,} GPU(s)"}[t["basis"]]
+    fp8 = f", {t['mfu']['fp8']:.1%} of its dense FP8 peak ({g['fp8'] / 1e12:,.1f} TFLOP/s)" if g["fp8"] else ""
+    lines += [f"training on {g['name']} {given}",
+              f"  per GPU:  {t['achieved_flops_per_s'] / 1e12:,.1f} TFLOP/s, {t['tokens_per_s_per_gpu']:,.0f} tokens/s",
+              f"  MFU:      {t['mfu']['bf16']:.1%} of the dense BF16 peak ({g['bf16'] / 1e12:,.1f} TFLOP/s){fp8}",
+              f"  cost:     {t['gpu_hours']:,.0f} GPU-hours x ${t['price']:.2f} = {format_dollars(t['dollars'])}"]
+    if wall:
+        lines.append(f"  wall:     {t['days']:,.1f} days on {t['n_gpus']:,} GPUs")
+    lines += [f"the same FLOPs at {t['mfu'][t['precision']]:.1%} MFU ({t['precision'].upper()} peaks) on each GPU type",
+              f"  {'GPU':<14} {'peak TFLOP/s':>12} {'GPU-hours':>14} {'$/hour':>7} {'dollars':>11}"
+              + (f" {'days on ' + format(t['n_gpus'], ','):>14}" if wall else "")]
+    for r in t["by_gpu"].values():
+        if r["gpu_hours"] is None:
+            lines.append(f"  {r['name']:<14} {'no ' + t['precision'].upper():>12}")
+        else:
+            lines.append(f"  {r['name']:<14} {r['peak'] / 1e12:>12,.1f} {r['gpu_hours']:>14,.0f} {r['price']:>7.2f} "
+                         f"{format_dollars(r['dollars']):>11}" + (f" {r['days']:>14,.1f}" if wall else ""))
+    return "\n".join(lines)
+
+
+def format_serving_memory(s: dict) -> str:
+    """`serving_memory`'s result as text: the weights, the KV cache, and the fewest GPUs of its type holding both."""
+    kv, n, g = s["kv_cache_bytes"], s["min_gpus"], s["gpu"]
+    labels = {"bf16": "BF16", "fp8": "FP8", "4bit": "4-bit"}
+    return "\n".join([
+        f"serving {s['batch']:,} sequence(s) of {s['context']:,} tokens",
+        "  weights:  " + ", ".join(f"{label} {s['weights_bytes'][p] / 1e9:,.1f} GB" for p, label in labels.items()),
+        f"  KV cache: MLA {kv['mla'] / 1e9:,.3f} GB ({s['kv_bytes_per_token']['mla']:,} B/token); the equivalent "
+        f"MHA {kv['mha'] / 1e9:,.3f} GB ({s['kv_bytes_per_token']['mha']:,} B/token), BF16",
+        f"  fewest {g['name']} ({g['memory_gib']:g} GiB) holding weights + KV cache, nothing else: "
+        + ", ".join(f"{label} {n[p]['mla']}" for p, label in labels.items())
+        + " (with MHA's cache: " + ", ".join(str(n[p]["mha"]) for p in labels) + ")"])
