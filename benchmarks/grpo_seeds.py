@@ -31,7 +31,8 @@ import torch
 
 from nanoseek.data import read_jsonl
 from nanoseek.pipeline import STATE, PipelineConfig, score, write_json
-from nanoseek.train import distill, grpo, lm
+from nanoseek.train import grpo
+from nanoseek.train import run as run_stage
 
 KEYS = ("pass@1", "pass@1_trained", "pass@1_harder")
 
@@ -48,7 +49,7 @@ def run_control(cfg: PipelineConfig, entry: dict, run_dir: Path, names: list[str
     train = replace(cfg.stage_config(entry, run_dir, names[:names.index(entry["name"])]), seed=seed, out=str(out),
                     max_seconds=seconds, resume=(out / "checkpoints").is_dir())
     if not (out / "model" / "config.json").exists():
-        {"grpo": grpo.run, "distill": distill.run}.get(train.stage, lm.run)(train)
+        run_stage(train)
     after = score(cfg, out / "model", problems)
     return {k: after[k] for k in KEYS}
 

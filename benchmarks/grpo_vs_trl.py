@@ -44,8 +44,8 @@ from nanoseek import Transformer
 from nanoseek.rewards import RewardConfig, combined_reward
 from nanoseek.tasks import Mixture, Problem
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train import grpo, loop
-from nanoseek.train.loop import Trainer
+from nanoseek.train import grpo, trainer
+from nanoseek.train.trainer import Trainer
 from nanoseek.train.recipe import load_config
 
 
@@ -98,7 +98,7 @@ def run_nanoseek(args, base: Path, out: Path) -> dict:
         return drawn
 
     peak_seconds = []
-    original_peak = loop.matmul_peak
+    original_peak = trainer.matmul_peak
 
     def timed_peak(device):
         t0 = time.perf_counter()
@@ -107,14 +107,14 @@ def run_nanoseek(args, base: Path, out: Path) -> dict:
         finally:
             peak_seconds.append(time.perf_counter() - t0)
 
-    Trainer.train_step, grpo.RolloutSource.problems, loop.matmul_peak = timed_step, recorded_problems, timed_peak
+    Trainer.train_step, grpo.RolloutSource.problems, trainer.matmul_peak = timed_step, recorded_problems, timed_peak
     try:
         start = time.perf_counter()
         grpo.run(cfg)
         wall = time.perf_counter() - start
     finally:
         Trainer.train_step, grpo.RolloutSource.problems = original_step, original_problems
-        loop.matmul_peak = original_peak
+        trainer.matmul_peak = original_peak
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"start": start, "ends": ends, "wall": wall, "peak_seconds": sum(peak_seconds), "prompts": prompts,
             "rewards": [r["reward"] for r in rows], "accuracy": [r["accuracy"] for r in rows],

@@ -49,7 +49,7 @@ def worker(args) -> None:
     from nanoseek import ModelConfig, Transformer, distributed
     from nanoseek.cost import flops_per_token
     from nanoseek.train.lm import lm_loss
-    from nanoseek.train.loop import Trainer
+    from nanoseek.train.trainer import Trainer
     from nanoseek.train.recipe import load_config
 
     device = distributed.init(args.device)

@@ -224,3 +224,9 @@ def _read(f, file: Path, name: str, files: dict[str, Path], block: tuple[int, in
         with _open(files[scale_name]) as sf:
             t = dequantize_fp8(t, sf.get_tensor(scale_name), block)
     return t
+
+
+# The model knows no file format (model/ imports nothing of this package but its config); these are its Hugging Face
+# directory methods: `Transformer.from_pretrained(dir)`, `model.save_pretrained(dir)`.
+Transformer.from_pretrained = staticmethod(load_model)
+Transformer.save_pretrained = save_model

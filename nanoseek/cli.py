@@ -150,13 +150,13 @@ def cmd_tokenizer_train(args) -> None:
 
 def cmd_train(args) -> None:
     """pretrain / sft: a recipe, then `--key value` overrides of its settings (see nanoseek/train/recipe.py)."""
-    from .train import distill, grpo, lm
+    from .train import run as run_stage
     from .train.recipe import load_config, parse_overrides
     cfg = load_config(args.recipe, parse_overrides(args.overrides), stage=args.command,
                       out=f"runs/{args.command}")
     if cfg.stage != args.command:
         raise TrainError(f"recipe {args.recipe}: stage '{cfg.stage}' does not match `nanoseek {args.command}`")
-    summary = {"grpo": grpo.run, "distill": distill.run}.get(cfg.stage, lm.run)(cfg)
+    summary = run_stage(cfg)
     print(f"nanoseek {args.command}: {summary['steps']} steps, final loss {summary['final_loss']}")
     print(f"  model: {summary['model']}\n  metrics: {summary['metrics']}")
     if summary.get("held_out_before"):

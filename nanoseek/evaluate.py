@@ -149,24 +149,28 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, p
     params = params or SamplingParams()
     engine, groups = sample_completions(model, tok, problems, samples, params, seed, speculative, batch_size, progress,
                                         compile=compile)
+    report = grade(problems, groups, samples=samples, seed=seed, sampling=asdict(params))
+    if speculative:
+        report["acceptance_rate"] = engine.acceptance_rate
+    if compile:
+        report["compile_seconds"] = engine.warmup_seconds
+    return report
+
+
+def grade(problems: list[Problem], groups: list[list[Completion]], **info) -> dict:
+    """Each problem's completions scored: the metrics above overall (top level, then `info`), `per_problem` pass@1,
+    `by_family` and `by_task` (`family/difficulty`), plus a few examples."""
     per_problem, by_family, by_task = [], defaultdict(list), defaultdict(list)
     for p, completions in zip(problems, groups):
         metrics = problem_metrics(p, [c.text for c in completions], [len(c.token_ids) for c in completions])
         per_problem.append(metrics)
         by_family[p.family].append(metrics)
         by_task[f"{p.family}/{p.difficulty}"].append(metrics)
-
-    report = {**_mean(per_problem), "samples": samples, "seed": seed, "sampling": asdict(params),
-              "per_problem": [round(m["pass@1"], 4) for m in per_problem],
-              "by_family": {k: _mean(v) for k, v in sorted(by_family.items())},
-              "by_task": {k: _mean(v) for k, v in sorted(by_task.items())},
-              "examples": [{"prompt": problems[i].prompt, "completion": groups[i][0].text,
-                            "answer": problems[i].answer} for i in range(min(N_EXAMPLES, len(problems)))]}
-    if speculative:
-        report["acceptance_rate"] = engine.acceptance_rate
-    if compile:
-        report["compile_seconds"] = engine.warmup_seconds
-    return report
+    return {**_mean(per_problem), **info, "per_problem": [round(m["pass@1"], 4) for m in per_problem],
+            "by_family": {k: _mean(v) for k, v in sorted(by_family.items())},
+            "by_task": {k: _mean(v) for k, v in sorted(by_task.items())},
+            "examples": [{"prompt": problems[i].prompt, "completion": groups[i][0].text,
+                          "answer": problems[i].answer} for i in range(min(N_EXAMPLES, len(problems)))]}
 
 
 def sample_completions(model, tok: Tokenizer, problems: list[Problem], samples: int, params: SamplingParams,

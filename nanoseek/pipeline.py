@@ -36,6 +36,7 @@ from .data import build_corpus, cut_steps, read_jsonl, write_json, write_jsonl
 from .errors import TrainError
 from .tasks import Mixture, get_family, resolve_recipe
 from .tasks.base import answer_only
+from .train import run as run_stage
 from .train.recipe import load_config
 
 STATE = "pipeline.json"
@@ -256,7 +257,6 @@ class Pipeline:
         return {"vocab_size": tok.vocab_size}
 
     def train(self, entry: dict) -> dict:
-        from .train import distill, grpo, lm
         earlier = [e["name"] for e in self.cfg.stages[:self.cfg.stages.index(entry)]]
         cfg = self.cfg.stage_config(entry, self.dir, earlier)
         cfg = replace(cfg, resume=(Path(cfg.out) / "checkpoints").is_dir())
@@ -267,7 +267,7 @@ class Pipeline:
                                  f"{entry['name']!r} to match; rerun it (--fresh)")
             cfg = replace(cfg, max_seconds=matched["compute_seconds"])
             print(f"  {cfg.max_seconds:.0f} s of training, as long as {entry['match']}'s")
-        summary = {"grpo": grpo.run, "distill": distill.run}.get(cfg.stage, lm.run)(cfg)
+        summary = run_stage(cfg)
         return {"stage": cfg.stage, "dir": entry["name"], "steps": summary["steps"],
                 "final_loss": summary["final_loss"], "compute_seconds": round(summary["seconds"], 4)}
 

@@ -6,7 +6,7 @@ import torch
 from nanoseek import ModelConfig
 from nanoseek.data import build_corpus, held_out_path, write_jsonl
 from nanoseek.tasks import Mixture
-from nanoseek.train.loop import Trainer
+from nanoseek.train.trainer import Trainer
 from nanoseek.train.recipe import TrainConfig, load_config
 from nanoseek.tokenizer import train_tokenizer
 

@@ -24,7 +24,7 @@ from nanoseek.model.transformer import moe_layers
 from nanoseek.rewards import RewardResult, combined_reward
 from nanoseek.shards import BatchLoader, TokenShards, write_shards
 from nanoseek.train.lm import lm_loss
-from nanoseek.train.loop import Trainer
+from nanoseek.train.trainer import Trainer
 from nanoseek.train.recipe import load_config
 
 from .conftest import settings

@@ -7,16 +7,15 @@ import pytest
 import torch
 
 from nanoseek.rewards import RewardResult, combined_reward
-from nanoseek.train import grpo, loop
-from nanoseek.train.grpo import group_advantages, grpo_loss, run
-from nanoseek.train.policy import load_policy, sequence_logprobs
+from nanoseek.train import grpo, trainer
+from nanoseek.train.grpo import group_advantages, grpo_loss, load_policy, run, sequence_logprobs
 from nanoseek.train.recipe import load_config
 
 from .conftest import crash_after
 
 
 def cfg(**kw):
-    return load_config(None, {}, data=["x"], **kw)
+    return load_config(None, {}, data=["x"], **kw).grpo
 
 
 def test_group_advantages_by_hand():
@@ -152,7 +151,7 @@ def test_grpo_on_a_transformers_model_runs_saves_and_resumes_exactly(kind, tok, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setattr(grpo, "combined_reward", shaped_reward)
-    monkeypatch.setattr(loop, "matmul_peak", lambda device: 1e11)  # MFU's yardstick: not what this test is about
+    monkeypatch.setattr(trainer, "matmul_peak", lambda device: 1e11)  # MFU's yardstick: not what this test is about
     init = tiny_hf_model(kind, tok, tmp_path / "init")
     summary = run(hf_settings(corpus, tmp_path / "straight", init))
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
@@ -183,7 +182,8 @@ def test_grpo_on_a_transformers_model_runs_saves_and_resumes_exactly(kind, tok, 
 
 def test_hf_rollouts_are_seeded_per_sample_and_prompts_use_the_chat_template(tok, tmp_path):
     from nanoseek.sampling import SamplingParams
-    from nanoseek.train.policy import HFPolicy, load_policy
+    from nanoseek.train.grpo import load_policy
+    from nanoseek.train.hf_policy import HFPolicy
 
     policy = load_policy(tiny_hf_model("llama", tok, tmp_path / "m"), max_batch=4, max_len=64)
     assert isinstance(policy, HFPolicy)

@@ -11,7 +11,7 @@ from nanoseek.data import read_jsonl
 from nanoseek.errors import TrainError
 from nanoseek.pipeline import Pipeline, PipelineConfig
 from nanoseek.tasks import Mixture, resolve_recipe
-from nanoseek.train.loop import Trainer
+from nanoseek.train.trainer import Trainer
 
 from .conftest import crash_after
 from .test_distill import fake_sampler

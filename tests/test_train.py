@@ -15,7 +15,7 @@ from nanoseek.cli import main
 from nanoseek.errors import TrainError
 from nanoseek.tasks import Mixture
 from nanoseek.train.lm import masked_ce, run
-from nanoseek.train.loop import learning_rate
+from nanoseek.train.trainer import learning_rate
 from nanoseek.train.recipe import load_config
 
 from .conftest import crash_after, settings

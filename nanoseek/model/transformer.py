@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -156,17 +155,6 @@ class Transformer(nn.Module):
             hiddens.append(h)
             routing.append(r)
         return hiddens, routing
-
-    # ---- Hugging Face directories ------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "Transformer":
-        from ..checkpoint import load_model
-        return load_model(path, device=device, dtype=dtype)
-
-    def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None):
-        from ..checkpoint import save_model
-        save_model(self, path, max_shard_size=max_shard_size, dtype=dtype)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -24,8 +24,9 @@ from .. import distributed
 from ..data import held_out_path, read_jsonl, write_json, write_jsonl
 from ..errors import TrainError
 from ..evaluate import sample_completions
-from ..model import Transformer
+from ..checkpoint import load_model
 from ..rewards import format_reward
+from ..rundir import check_writable
 from ..sampling import SamplingParams
 from ..tasks import Mixture, Problem, get_family
 from ..tokenizer import Tokenizer
@@ -68,24 +69,23 @@ def distinct_problems(mixture: Mixture, n: int, seed: int, excluded: set[str]) -
 def run(cfg: TrainConfig) -> dict:
     """Teacher traces on `cfg.tasks` problems -> verified-correct ones -> SFT of the student (`cfg.init`, or a
     fresh `cfg.preset` model with the teacher's tokenizer); held-out problems in `cfg.data` stay unseen."""
-    if cfg.teacher is None:
-        raise TrainError("distill: 'teacher' must name the teacher's model directory")
+    d = cfg.distill
     out = Path(cfg.out)
-    lm.check_writable(out)
+    check_writable(out)
     traces_path = out / "data" / "traces.jsonl"
     stats_path = out / "data" / "traces.json"  # the counts and the seconds the teacher's sampling took
     held_out = [p for path in cfg.data for p in read_jsonl(path)]
     device = distributed.init(cfg.device)
     if not (cfg.resume and traces_path.exists() and stats_path.exists()):
         t0 = time.perf_counter()
-        teacher = Transformer.from_pretrained(cfg.teacher, device=device)
-        tok = Tokenizer.load(cfg.teacher)
+        teacher = load_model(d.teacher, device=device)
+        tok = Tokenizer.load(d.teacher)
         problems = distinct_problems(Mixture.from_recipe(cfg.tasks), cfg.tasks_n, cfg.seed,
                                      {p.prompt for p in held_out})
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+        params = SamplingParams(max_new_tokens=d.max_new_tokens, temperature=d.temperature)
         rank, world = distributed.rank(), distributed.world()
         mine = problems[len(problems) * rank // world:len(problems) * (rank + 1) // world]
-        traces, stats = (rejection_sample(teacher, tok, mine, cfg.group_size, params, cfg.seed + rank,
+        traces, stats = (rejection_sample(teacher, tok, mine, d.samples, params, cfg.seed + rank,
                                           progress=distributed.is_main(), compile=cfg.compile_decode) if mine else
                          ([], {"problems": 0, "samples": 0, "kept": 0, "problems_solved": 0}))
         if world > 1:  # every rank's traces, in problem order, and the summed counts
@@ -94,8 +94,8 @@ def run(cfg: TrainConfig) -> dict:
             traces = [t for part, _ in everyone for t in part]
             stats = {k: sum(s[k] for _, s in everyone) for k in stats}
         if not traces:
-            raise TrainError(f"distill: the teacher {cfg.teacher} solved none of {len(problems)} problems "
-                             f"in {cfg.group_size} tries each; nothing to distill")
+            raise TrainError(f"distill: the teacher {d.teacher} solved none of {len(problems)} problems "
+                             f"in {d.samples} tries each; nothing to distill")
         stats["seconds"] = round(time.perf_counter() - t0, 2)
         if distributed.is_main():
             write_jsonl(held_out_path(traces_path), held_out)
@@ -105,7 +105,7 @@ def run(cfg: TrainConfig) -> dict:
         print(f"distill: kept {stats['kept']} traces of {stats['samples']} samples "
               f"({stats['problems_solved']} of {stats['problems']} problems solved) -> {traces_path}")
     student = dataclasses.replace(cfg, stage="sft", data=[str(traces_path)], tasks=None,
-                                  tokenizer=cfg.tokenizer or cfg.teacher)
+                                  tokenizer=cfg.tokenizer or d.teacher)
     summary = lm.run(student)
     trace_seconds = json.loads(stats_path.read_text())["seconds"]
     return {**summary, "trace_seconds": trace_seconds, "seconds": summary["seconds"] + trace_seconds}

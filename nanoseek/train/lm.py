@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -26,15 +25,17 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
+from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..cost import flops_per_token
 from ..data import build_corpus, held_out_path, read_jsonl, write_jsonl
 from ..errors import DataError, TrainError
 from ..model import Transformer
+from ..rundir import check_writable
 from ..shards import INDEX, Batch, BatchLoader, TokenShards, write_shards
 from ..tasks import Mixture, Problem
 from ..tokenizer import Tokenizer, train_tokenizer
-from .loop import Trainer
+from .trainer import StepOutput, Trainer
 from .recipe import TrainConfig
 
 
@@ -63,7 +64,8 @@ def lm_loss(cfg: TrainConfig):
         device = next(model.parameters()).device
         x, y = batch.x.to(device), batch.y.to(device)
         mask = batch.mask.to(device) if batch.mask is not None else None
-        mtp_lambda = cfg.mtp_lambda if step < cfg.mtp_lambda_switch * cfg.max_steps else cfg.mtp_lambda_final
+        moe = cfg.moe
+        mtp_lambda = moe.mtp_lambda if step < moe.mtp_lambda_switch * cfg.max_steps else moe.mtp_lambda_final
         out = model(x, return_mtp=mtp_lambda > 0)
         counts = mask_counts(mask, len(out.mtp_logits))
         main = masked_ce(out.logits, y, mask, counts[0])
@@ -75,10 +77,10 @@ def lm_loss(cfg: TrainConfig):
             metrics["mtp_loss"] = mtp.mean().item()
             metrics["mtp_lambda"] = mtp_lambda
         if out.balance is not None:
-            loss = loss + cfg.balance_alpha * out.balance
+            loss = loss + cfg.moe.balance_alpha * out.balance
             metrics["balance"] = out.balance.item()
         metrics["loss"] = loss.item()
-        return loss, metrics, [c.detach() for c in out.router], x.numel()
+        return StepOutput(loss, metrics, [c.detach() for c in out.router], x.numel())
     return loss_fn
 
 
@@ -209,7 +211,7 @@ def tokenizer_texts(files: list[Path]) -> Iterator[str]:
 
 def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Transformer:
     if cfg.init is not None:
-        model = Transformer.from_pretrained(cfg.init, device=device)
+        model = load_model(cfg.init, device=device)
         if tok.vocab_size > model.cfg.vocab_size:
             raise TrainError(f"{cfg.init}: vocab_size {model.cfg.vocab_size} < the tokenizer's {tok.vocab_size}")
         return model
@@ -240,8 +242,9 @@ def run(cfg: TrainConfig) -> dict:
     loader = BatchLoader(shards, distributed.share(cfg.batch_size, "batch_size"), cfg.seq_len, seed=cfg.seed,
                          rank=distributed.rank(), world=distributed.world())
     f = flops_per_token(model.cfg, cfg.seq_len)
-    flops = f["training"] + (f["mtp_training"] if cfg.mtp_lambda > 0 else 0.0)
-    trainer = Trainer(cfg, model, loader, lm_loss(cfg), flops, save_extra=tok.save)
+    flops = f["training"] + (f["mtp_training"] if cfg.moe.mtp_lambda > 0 else 0.0)
+    no_mtp = min(cfg.moe.mtp_lambda, cfg.moe.mtp_lambda_final) == 0  # the MTP module then gets no gradient
+    trainer = Trainer(cfg, model, loader, lm_loss(cfg), flops, save_extra=tok.save, unused_parameters=no_mtp)
     summary = trainer.fit()
     if cfg.eval_n and held_out:
         model = trainer.parallel.export(model)  # rank 0: the whole model; the others: None
@@ -250,12 +253,3 @@ def run(cfg: TrainConfig) -> dict:
         (out / "eval.json").write_text(json.dumps(summary["held_out"], indent=2))
     return summary
 
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise TrainError(f"out: cannot write to {out} ({e.strerror})") from None

@@ -1,7 +1,7 @@
 """The training loop every stage shares: AdamW, schedule, clipping, accumulation, balancing, checkpoints, metrics.
 
-A stage (pretrain, SFT, later GRPO and distillation) hands the Trainer a model, a loader with `next()` and
-`state_dict()`, and a loss function; the Trainer does the rest:
+A stage hands the Trainer a model, a loader with `next()` and `state_dict()` / `load_state_dict()`, and a loss
+function `loss_fn(model, batch, step) -> StepOutput`; the Trainer knows no stage and does the rest:
 
   for each step: lr, MTP weight and balancing speed from the schedule -> grad_accum micro-batches (forward,
   backward) -> clip to 1.0 -> AdamW -> move the gate biases by the step's expert loads -> log a metrics.jsonl row
@@ -12,10 +12,11 @@ MFU is measured against the best dense-matmul rate of this device timed in the s
 every checkpoint), with the model FLOPs of `cost.flops_per_token`; every metrics row carries both (`flops_per_token`,
 `peak_flops`), so `nanoseek cost --run` can account for the run afterwards.
 
-Checkpoints are `OUT/checkpoints/step_NNNNNN/{model/ (a Hugging Face directory), trainer_state/state.pt}`, written
-under a `.tmp` name and renamed, so a kill at any moment leaves the previous checkpoint intact. `resume` restores
-weights, optimiser, data position and RNG, and truncates metrics.jsonl to the checkpoint, so a resumed run logs
-exactly the losses an uninterrupted run would.
+Checkpoints are `OUT/checkpoints/step_NNNNNN/{model/ (a Hugging Face directory), trainer_state/state.pt}`, built in a
+staging directory and renamed into place (rundir.py), so a kill at any moment leaves the previous checkpoint intact.
+`resume` restores weights, optimiser, data position and RNG, and cuts metrics.jsonl back to the checkpoint's step
+(to nothing without a checkpoint), so a resumed run logs every step once, with the losses an uninterrupted run
+would.
 
 On many processes (`torchrun`, see distributed.py) the same loop runs on each: the model is wrapped or sharded by
 `distributed.Parallel` (DDP, FSDP2, expert parallelism), gradients are reduced with the last micro-batch, the
@@ -30,12 +31,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -45,11 +45,20 @@ from .. import distributed
 from ..cost import matmul_peak
 from ..errors import TrainError
 from ..model import Transformer
+from ..rundir import MetricsLog, commit, staging
 from .balance import max_violation, update_bias
 from .recipe import TrainConfig
 
-# loss_fn(model, batch, step) -> (loss to minimise, float metrics to log, tokens per expert per MoE layer, tokens)
-LossFn = Callable[[torch.nn.Module, object, int], tuple[torch.Tensor, dict, list[torch.Tensor], int]]
+
+class StepOutput(NamedTuple):
+    """What a stage's loss function returns for one micro-batch."""
+    loss: torch.Tensor  # to minimise
+    metrics: dict  # floats to log (means over the micro-batches)
+    loads: list[torch.Tensor]  # tokens per expert (E,) of each MoE layer, for the bias update; [] for a dense model
+    tokens: int  # tokens processed (for tokens/s and MFU)
+
+
+LossFn = Callable[[torch.nn.Module, object, int], StepOutput]
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -86,23 +95,24 @@ def model_config(model: torch.nn.Module) -> dict:
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: Transformer, loader, loss_fn: LossFn, flops_per_token: float,
                  save_extra: Callable[[Path], None] | None = None,
-                 load_model: Callable[[Path], torch.nn.Module] | None = None):
+                 load_model: Callable[[Path], torch.nn.Module] | None = None,
+                 unused_parameters: bool = False, shown: str = "maxvio_mean"):
         """save_extra(model_dir) adds files (e.g. the tokenizer) to every saved model directory; load_model(model_dir)
         reads a saved model back for resuming (default: `Transformer.from_pretrained`; another kind of model, e.g.
-        a `transformers` one, brings its own). `model.save_pretrained(dir)` writes it."""
+        a `transformers` one, brings its own). `model.save_pretrained(dir)` writes it. unused_parameters: some
+        parameters get no gradient (the MTP module when its loss is off), which DDP must be told; shown: the metric
+        the progress bar shows beside loss and tokens/s."""
         self.cfg, self.model, self.loader, self.loss_fn = cfg, model, loader, loss_fn
-        self.flops_per_token, self.save_extra = flops_per_token, save_extra
+        self.flops_per_token, self.save_extra, self.shown = flops_per_token, save_extra, shown
         self.load_model = load_model or (lambda path: Transformer.from_pretrained(path, device=self.device))
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
-        self.metrics_path = self.out / "metrics.jsonl"
         self.device = next(model.parameters()).device
         distributed.init(self.device.type)  # under torchrun: join the process group (a no-op once joined)
         self.parallel = distributed.Parallel(cfg.parallel, cfg.expert_parallel)
         self.main = distributed.is_main()
-        # one process: the model itself. GRPO never runs the MTP module; a zero MTP weight leaves it out
-        unused = cfg.stage == "grpo" or min(cfg.mtp_lambda, cfg.mtp_lambda_final) == 0
-        wrapped = self.parallel.wrap(model, unused_parameters=unused)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.main)  # rank 0 alone logs
+        wrapped = self.parallel.wrap(model, unused_parameters=unused_parameters)  # one process: the model itself
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                            eps=1e-8, fused=self.device.type == "cuda")
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
@@ -110,15 +120,13 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
-        done = [p for p in self.ckpt_dir.glob("step_*") if not p.name.endswith(".tmp")
+        done = [p for p in self.ckpt_dir.glob("step_*") if p.name[5:].isdigit()
                 and (p / "trainer_state" / "state.pt").exists()]
         return sorted(done)
 
     def save_checkpoint(self) -> Path:
         final = self.ckpt_dir / f"step_{self.step:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
+        tmp = staging(final, make=self.main)
         distributed.barrier()
         self.save_model(tmp / "model")
         state = {"step": self.step, "seconds": self.spent, "loader": self.loader.state_dict(),
@@ -136,9 +144,7 @@ class Trainer:
             (tmp / "trainer_state" / "state.json").write_text(json.dumps(
                 {"step": self.step, "loader": self.loader.state_dict(), "processes": self.parallel.world,
                  "config": self.cfg.to_dict()}, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            commit(tmp, final)
             for old in self.checkpoints()[:-self.cfg.keep_last]:
                 shutil.rmtree(old)
         distributed.barrier()
@@ -159,7 +165,8 @@ class Trainer:
                 shutil.rmtree(stale)
         distributed.barrier()
         ckpts = self.checkpoints()
-        if not ckpts:
+        if not ckpts:  # killed before its first checkpoint: a fresh start
+            self.metrics.restart(0)
             return
         path = ckpts[-1]
         state = torch.load(path / "trainer_state" / "state.pt", weights_only=False)
@@ -181,9 +188,7 @@ class Trainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.spent = state["step"], state.get("seconds", 0.0)
-        if self.main and self.metrics_path.exists():  # drop rows logged after this checkpoint: logged again
-            rows = [r for r in self.metrics_path.read_text().splitlines() if json.loads(r)["step"] <= self.step]
-            self.metrics_path.write_text("".join(r + "\n" for r in rows))
+        self.metrics.restart(self.step)  # the rows logged after this checkpoint will be logged again
         distributed.barrier()
         if self.main:
             print(f"resumed from {path} (step {self.step})")
@@ -222,7 +227,7 @@ class Trainer:
         grad_norm = self.parallel.clip_grad_norm(model, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        gamma = cfg.bias_gamma if self.step < cfg.bias_gamma_stop * cfg.max_steps else 0.0
+        gamma = cfg.moe.bias_gamma if self.step < cfg.moe.bias_gamma_stop * cfg.max_steps else 0.0
         update_bias(model, loads, gamma)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -255,32 +260,29 @@ class Trainer:
         elif self.checkpoints():
             raise TrainError(f"{self.ckpt_dir} already holds checkpoints; pass --resume true to continue that run "
                              "or choose another --out")
-        elif self.main and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        else:
+            self.metrics.restart(0)
         distributed.barrier()
         self.peak = matmul_peak(self.device) if self.main else 1.0  # only rank 0's rows are written
         bar = tqdm(total=None if cfg.max_seconds is not None else cfg.max_steps, initial=self.step,
                    desc=f"{cfg.stage} {self.out}", unit="step", dynamic_ncols=True, disable=not self.main)
         row = None
-        with open(self.metrics_path if self.main else os.devnull, "a") as log:
-            while not self.finished():
-                row = self.train_step()
-                self.spent += row["seconds"]
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                bar.update(1)
-                shown = {"loss": f"{row['loss']:.3f}", "tok_s": f"{row['tokens_per_s']:.0f}"}
-                shown.update({"reward": f"{row['reward']:.3f}"} if "reward" in row else
-                             {"maxvio": f"{row['maxvio_mean']:.2f}"})
-                if cfg.max_seconds is not None:
-                    shown["seconds"] = f"{self.spent:.0f}/{cfg.max_seconds:.0f}"
-                bar.set_postfix(shown)
-                if self.step % cfg.save_every == 0 or self.finished():
-                    self.save_checkpoint()
-                    if self.main:  # a busy machine reads low: keep the best
-                        self.peak = max(self.peak, matmul_peak(self.device))
+        while not self.finished():
+            row = self.train_step()
+            self.spent += row["seconds"]
+            self.metrics.append(row)
+            bar.update(1)
+            shown = {"loss": f"{row['loss']:.3f}", "tok_s": f"{row['tokens_per_s']:.0f}",
+                     self.shown.removesuffix("_mean"): f"{row[self.shown]:.3f}"}
+            if cfg.max_seconds is not None:
+                shown["seconds"] = f"{self.spent:.0f}/{cfg.max_seconds:.0f}"
+            bar.set_postfix(shown)
+            if self.step % cfg.save_every == 0 or self.finished():
+                self.save_checkpoint()
+                if self.main:  # a busy machine reads low: keep the best
+                    self.peak = max(self.peak, matmul_peak(self.device))
         bar.close()
         final = self.out / "model"
         self.save_model(final)
-        return {"steps": self.step, "seconds": self.spent, "model": str(final), "metrics": str(self.metrics_path),
+        return {"steps": self.step, "seconds": self.spent, "model": str(final), "metrics": str(self.metrics.path),
                 "final_loss": row["loss"] if row else None, "peak_flops": self.peak}
