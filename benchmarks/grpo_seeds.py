@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from nanoseek.data import read_jsonl
-from nanoseek.pipeline import STATE, PipelineConfig, score, write_json
+from nanoseek.pipeline import PipelineConfig, score
+from nanoseek.rundir import PIPELINE_STATE, write_json
 from nanoseek.train import grpo
 from nanoseek.train import run as run_stage
 
@@ -62,7 +63,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, help="GRPO steps per seed (default: the stage's max_steps)")
     ap.add_argument("--every", type=int, help="also score the checkpoints every this many steps")
     args = ap.parse_args()
-    state_path = args.run_dir / STATE
+    state_path = args.run_dir / PIPELINE_STATE
     if not state_path.exists():
         sys.exit(f"error: {state_path}: not a pipeline run (run `nanoseek demo` first)")
     cfg = PipelineConfig(**json.loads(state_path.read_text())["settings"])

@@ -11,7 +11,6 @@ This file is the only place that knows the on-disk names. Ours differ in three w
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -26,6 +25,7 @@ from .errors import CheckpointError, ConfigError
 from .fp8 import E4M3, QUANTIZATION_CONFIG, fp8_weight_names, quantize_blocks
 from .fp8 import dequantize_blocks as dequantize_fp8
 from .model import Transformer
+from .rundir import commit, staging
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 _EXPERT = re.compile(r"^((?:layers|mtp)\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
@@ -89,11 +89,7 @@ def save_model(model: Transformer, path: str | Path, max_shard_size: int = 5 * 2
     if dtype is not None and dtype.is_floating_point and dtype.itemsize == 1 and dtype != E4M3:
         raise CheckpointError(f"dtype {dtype}: FP8 checkpoints are E4M3 (torch.float8_e4m3fn) with 128x128 blocks")
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    tmp.mkdir(parents=True)
+    tmp = staging(path)
     state = to_hf_state_dict(model, dtype)
     shards, size = [[]], 0
     for name, t in state.items():
@@ -122,10 +118,7 @@ def save_model(model: Transformer, path: str | Path, max_shard_size: int = 5 * 2
         for f in path.iterdir():  # keep what others put there (tokenizer files), drop our old shards
             if f.is_file() and f.name not in ours and not re.match(r"model-\d+-of-\d+\.safetensors$", f.name):
                 shutil.copy2(f, tmp / f.name)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+    commit(tmp, path)
 
 
 # ---- load -----------------------------------------------------------------------------------------------------------

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import ModelConfig
-from .cost import (format_dollars, kv_cache_bytes_per_token, param_counts, read_metrics, serving_memory,
-                   stage_dirs, training_flops)
+from .cost import format_dollars, kv_cache_bytes_per_token, param_counts, serving_memory, training_flops
 from .errors import DataError
 from .gpus import get_gpu
+from .rundir import METRICS, find_stages, read_metrics
 
 CONSISTENT, INCONSISTENT, UNCHECKABLE = "consistent", "inconsistent", "not checkable"
 V3_REPORT = "DeepSeek-V3 Technical Report (arXiv 2412.19437)"
@@ -455,11 +455,8 @@ def measurements(paths: list[Path]) -> dict:
     found: dict = {}
     for path in map(Path, paths):
         if path.is_dir():
-            try:
-                stages = stage_dirs(path)
-            except DataError:
-                stages = []
-            hit = [_read_maxvio(s / "metrics.jsonl", found) for s in stages]
+            stages = [s.dir for s in find_stages(path)]
+            hit = [_read_maxvio(s / METRICS, found) for s in stages]
             reports = sorted({*path.glob("*.json"), *path.glob("evals/*.json"),
                               *(f for s in stages for f in s.glob("*.json"))})
             hit += [_read_report(f, found) for f in reports]

@@ -53,11 +53,12 @@ def cmd_pipeline(args) -> None:
     """The end-to-end demo (`nanoseek demo`) and other multi-stage recipes (`nanoseek pipeline --recipe r1`)."""
     import shutil
 
-    from .pipeline import STATE, Pipeline, PipelineConfig, summary
+    from .pipeline import Pipeline, PipelineConfig, summary
+    from .rundir import PIPELINE_STATE
     recipe = args.recipe or ("demo-gpu" if args.device == "cuda" else "demo")
     out = Path(args.out or f"runs/{Path(recipe).stem}")
     cfg = PipelineConfig.load(recipe, device=args.device, seed=args.seed)
-    if args.fresh and (out / STATE).exists():
+    if args.fresh and (out / PIPELINE_STATE).exists():
         shutil.rmtree(out)
     print(f"nanoseek {args.command}: {recipe} -> {out}" + (f"\n  {cfg.description.strip()}" if cfg.description else ""))
     result = Pipeline(cfg, out).run()

@@ -7,7 +7,6 @@ check the counts against the parameters of real instantiated models. GPU figures
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -19,6 +18,7 @@ import torch
 from .config import ModelConfig
 from .errors import ConfigError, DataError
 from .gpus import GPUS, get_gpu
+from .rundir import find_stages, read_metrics
 
 
 @dataclass
@@ -218,34 +218,6 @@ def serving_memory(cfg: ModelConfig, context: int, batch: int = 1, gpu: str = "h
 
 
 # ---- our own runs ---------------------------------------------------------------------------------------------------
-PIPELINE = ("pretrain", "sft", "grpo", "distill")  # the order stage directories are listed in
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl; a last line cut short (a run killed mid-write) is left out."""
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    rows = []
-    for i, line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i != lines[-1][0]:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    return rows
-
-
-def stage_dirs(run_dir: Path) -> list[Path]:
-    """A stage directory (it holds metrics.jsonl) as itself, or the stage directories just below a run directory."""
-    if (run_dir / "metrics.jsonl").exists():
-        return [run_dir]
-    stages = [p.parent for p in run_dir.glob("*/metrics.jsonl")]
-    if not stages:
-        raise DataError(f"{run_dir}: no metrics.jsonl in it or in its subdirectories")
-    return sorted(stages, key=lambda p: (PIPELINE.index(p.name) if p.name in PIPELINE else len(PIPELINE), p.name))
-
-
 def _on_gpus(flops: float, mfu: float) -> dict:
     """Hours and dollars of `flops` on one GPU of each type at `mfu` of its dense BF16 peak."""
     return {key: {"hours": flops / (mfu * g.bf16) / 3600, "dollars": flops / (mfu * g.bf16) / 3600 * g.price}
@@ -254,7 +226,7 @@ def _on_gpus(flops: float, mfu: float) -> dict:
 
 def _stage_cost(path: Path, mfu: float) -> dict:
     metrics = path / "metrics.jsonl"
-    rows = read_metrics(metrics)
+    rows = read_metrics(metrics)  # a malformed line is an error here: a cost needs every step
     if not rows:
         raise DataError(f"{metrics}: no rows")
     for i, row in enumerate(rows, 1):
@@ -281,7 +253,10 @@ def run_cost(run_dir: Path, mfu: float = 0.4) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: no such run directory")
-    stages = [_stage_cost(p, mfu) for p in stage_dirs(run_dir)]
+    found = find_stages(run_dir)
+    if not found:
+        raise DataError(f"{run_dir}: no metrics.jsonl in it or in its subdirectories")
+    stages = [_stage_cost(s.dir, mfu) for s in found]
     steps, tokens, seconds, flops = (sum(s[k] for s in stages) for k in ("steps", "tokens", "seconds", "flops"))
     total = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "flops": flops,
              "achieved_flops_per_s": flops / seconds,

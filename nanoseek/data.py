@@ -9,7 +9,6 @@ in held-out, for evaluation, but are left out of train, which is text to learn f
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import TaskError
+from .rundir import write_text
 from .tasks import Mixture, Problem
 from .tasks.base import answer_only
 
@@ -71,27 +71,8 @@ def cut_steps(problems: list[Problem], worked_fraction: float, seed: int = 0) ->
 
 
 def write_jsonl(path: str | Path, problems: list[Problem]) -> Path:
-    """Write one JSON record per problem atomically (a temporary sibling, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            for p in problems:
-                f.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Write `data` as indented JSON atomically (a temporary sibling, then os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Write one JSON record per problem, atomically."""
+    return write_text(path, "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in problems))
 
 
 def read_jsonl(path: str | Path) -> list[Problem]:

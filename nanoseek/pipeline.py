@@ -24,7 +24,6 @@ Interrupted runs resume: finished stages are skipped and a stage with checkpoint
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -32,15 +31,14 @@ from pathlib import Path
 
 import yaml
 
-from .data import build_corpus, cut_steps, read_jsonl, write_json, write_jsonl
+from .data import build_corpus, cut_steps, read_jsonl, write_jsonl
 from .errors import TrainError
+from .rundir import PIPELINE_STATE, STAGES, atomic_dir, read_state, write_json
 from .tasks import Mixture, get_family, resolve_recipe
 from .tasks.base import answer_only
 from .train import run as run_stage
 from .train.recipe import load_config
 
-STATE = "pipeline.json"
-MODEL_STAGES = ("pretrain", "sft", "grpo", "distill")
 ACCEPTANCE_N = 100  # held-out problems decoded speculatively to measure the MTP module's acceptance rate
 
 
@@ -98,8 +96,8 @@ class PipelineConfig:
             where = f"{source}: stages[{i}]"
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                 raise TrainError(f"{where}: expected a mapping with a 'name'")
-            if entry.get("stage") not in MODEL_STAGES:
-                raise TrainError(f"{where} ({entry['name']}): 'stage' must be one of {', '.join(MODEL_STAGES)}")
+            if entry.get("stage") not in STAGES:
+                raise TrainError(f"{where} ({entry['name']}): 'stage' must be one of {', '.join(STAGES)}")
             if entry["name"] in names or entry["name"] in ("data", "tokenizer", "evals", "model", "plots"):
                 raise TrainError(f"{where}: the name {entry['name']!r} is taken")
             if "match" in entry and entry["match"] not in names:
@@ -186,11 +184,11 @@ def score(cfg: PipelineConfig, model_dir: Path, problems: list) -> dict:
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, run_dir: Path):
         self.cfg, self.dir = cfg, Path(run_dir)
-        self.state_path = self.dir / STATE
+        self.state_path = self.dir / PIPELINE_STATE
         self.state = {"settings": asdict(cfg), "stages": []}
-        if self.state_path.exists():
-            saved = json.loads(self.state_path.read_text())
-            if saved["settings"] != self.state["settings"]:
+        saved = read_state(self.dir)
+        if saved is not None:
+            if saved.get("settings") != self.state["settings"]:
                 ours, theirs = self.state["settings"], saved["settings"]
                 changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
                 raise TrainError(f"{self.dir} holds a run with other settings ({', '.join(changed)}); choose "
@@ -203,10 +201,7 @@ class Pipeline:
     def record(self, name: str, seconds: float, **info) -> None:
         self.state["stages"] = [s for s in self.state["stages"] if s["name"] != name]
         self.state["stages"].append({"name": name, "seconds": round(seconds, 1), **info})
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
-        os.replace(tmp, self.state_path)
+        write_json(self.state_path, self.state)
 
     def run(self) -> dict:
         steps = [("data", self.build_data), ("tokenizer", self.build_tokenizer)]
@@ -248,11 +243,8 @@ class Pipeline:
         from .train.lm import tokenizer_texts
         tok = train_tokenizer(tokenizer_texts([self.dir / "data" / "corpus.jsonl"]), self.cfg.vocab_size,
                               digits=self.cfg.tokenizer_digits)
-        tmp = self.dir / "tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save(tmp)
-        shutil.rmtree(self.dir / "tokenizer", ignore_errors=True)
-        os.replace(tmp, self.dir / "tokenizer")
+        with atomic_dir(self.dir / "tokenizer") as tmp:
+            tok.save(tmp)
         print(f"  {tok.vocab_size:,} tokens -> {self.dir / 'tokenizer'}")
         return {"vocab_size": tok.vocab_size}
 
@@ -276,20 +268,16 @@ class Pipeline:
         model_dir = self.dir / name / "model"
         report = score(self.cfg, model_dir, read_jsonl(self.dir / "data" / "eval.jsonl"))
         report = {"label": name, "model": str(model_dir), "problems": "data/eval.jsonl (held-out)", **report}
-        path = self.dir / "evals" / f"{name}.json"
-        path.parent.mkdir(exist_ok=True)
-        write_json(path, report)
+        write_json(self.dir / "evals" / f"{name}.json", report)
         print(format_table(report))
         return {key: report[key] for key in ("pass@1", "pass@1_se", "pass@1_trained", "pass@1_harder",
                                              "thinking_rate")}
 
     def export(self) -> dict:
         source = self.dir / (self.cfg.export or self.cfg.stages[-1]["name"]) / "model"
-        tmp, final = self.dir / "model.tmp", self.dir / "model"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        final = self.dir / "model"
+        with atomic_dir(final) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
         print(f"  {source} -> {final}")
         return {"source": str(source)}
 
@@ -324,7 +312,7 @@ def summary(run_dir: Path) -> list[str]:
     each comparison of the recipe as a paired gain ± standard error; then each distilled student against its
     teacher."""
     from .evaluate import standard_error
-    settings = json.loads((run_dir / STATE).read_text())["settings"]
+    settings = read_state(run_dir)["settings"]
     cfg = PipelineConfig(**{f.name: settings[f.name] for f in fields(PipelineConfig) if f.name in settings})
     problems, mixture = read_jsonl(run_dir / "data" / "eval.jsonl"), Mixture.from_recipe(cfg.tasks)
     evals = {e["name"]: json.loads(path.read_text()) for e in cfg.stages

@@ -35,8 +35,8 @@ from matplotlib.figure import Figure
 
 from .config import ModelConfig
 from .errors import ConfigError, DataError, NanoseekError
+from .rundir import find_stages, read_json, read_metrics, read_state, write_text
 
-STAGE_ORDER = ("pretrain", "sft", "grpo", "distill")  # stages with other names follow, alphabetically
 GRPO_METRICS = (("reward", "reward"), ("accuracy", "accuracy"), ("format_rate", "format rate"),
                 ("response_length", "response length (tokens)"), ("thinking_rate", "share with worked steps"),
                 ("groups_no_signal", "groups with equal rewards"), ("kl", "KL to the reference (k3)"),
@@ -93,66 +93,11 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _read_json(path: Path, notes: list[str]) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        notes.append(f"`{path.name}` in `{path.parent}` could not be read ({type(e).__name__}); left out")
-        return None
-    if not isinstance(data, dict):
-        notes.append(f"`{path}` is not a JSON object; left out")
-        return None
-    return data
-
-
-def read_metrics(path: Path, notes: list[str]) -> list[dict]:
-    """The rows of a metrics.jsonl; malformed lines (a run killed mid-write) are skipped and counted in `notes`."""
-    rows, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict) and _finite(row.get("step")):
-            rows.append(row)
-        else:
-            bad += 1
-    if bad:
-        notes.append(f"`{path}`: {bad} malformed line(s) skipped")
-    return rows
-
-
 def _model_config(stage_dir: Path) -> ModelConfig | None:
     try:
         return ModelConfig.load(stage_dir / "model") if (stage_dir / "model" / "config.json").exists() else None
     except NanoseekError:
         return None
-
-
-def find_stages(run_dir: Path, pipeline: dict | None, notes: list[str]) -> list[tuple[str, Path, float | None]]:
-    """(name, directory, wall seconds) of every stage, in pipeline.json's order, else pretrain, sft, grpo, distill,
-    then the others alphabetically."""
-    if (run_dir / "metrics.jsonl").is_file():
-        return [(run_dir.resolve().name or "run", run_dir, None)]
-    found, seen = [], set()
-    listed = pipeline.get("stages") if pipeline else None
-    for s in listed if isinstance(listed, list) else []:
-        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or "dir" not in s:
-            continue  # data, tokenizer, eval, export steps: no training stage
-        d = run_dir / str(s.get("dir", s["name"]))
-        if not (d / "metrics.jsonl").is_file():
-            notes.append(f"stage `{s['name']}` is listed in pipeline.json but `{d}` has no metrics.jsonl "
-                         "(not run yet?)")
-            continue
-        found.append((s["name"], d, s["seconds"] if _finite(s.get("seconds")) else None))
-        seen.add(d.resolve())
-    rest = [d for d in sorted(run_dir.iterdir()) if d.is_dir() and (d / "metrics.jsonl").is_file()
-            and d.resolve() not in seen]
-    rest.sort(key=lambda d: (STAGE_ORDER.index(d.name) if d.name in STAGE_ORDER else len(STAGE_ORDER), d.name))
-    return found + [(d.name, d, None) for d in rest]
 
 
 def find_evals(run_dir: Path, stages: list[Stage], pipeline: dict | None, notes: list[str]) -> list[Eval]:
@@ -161,14 +106,14 @@ def find_evals(run_dir: Path, stages: list[Stage], pipeline: dict | None, notes:
     evals: dict[str, Eval] = {}
     paths = sorted((run_dir / "evals").glob("*.json")) if (run_dir / "evals").is_dir() else []
     for path in paths:
-        report = _read_json(path, notes)
+        report = read_json(path, notes)
         if report is not None:
             label = str(report.get("label") or path.stem)
             evals[label] = Eval(label, path, report)
     for stage in stages:
         path = stage.dir / "eval.json"
         if stage.name not in evals and path.is_file():
-            report = _read_json(path, notes)
+            report = read_json(path, notes)
             if report is not None:
                 evals[stage.name] = Eval(stage.name, path, report)
     for label, e in list(evals.items()):
@@ -193,8 +138,8 @@ def load_run(run_dir: Path) -> Run:
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: no such run directory")
     notes: list[str] = []
-    pipeline = _read_json(run_dir / "pipeline.json", notes) if (run_dir / "pipeline.json").exists() else None
-    found = find_stages(run_dir, pipeline, notes)
+    pipeline = read_state(run_dir, notes)
+    found = find_stages(run_dir, notes)
     if not found:
         raise DataError(f"{run_dir}: no metrics.jsonl in it or in its sub-directories (not a run directory)")
     stages = []
@@ -282,7 +227,7 @@ def _figure(rows: int, cols: int, width: float = 10.0, height: float = 3.0) -> F
 def _save(fig: Figure, plots: Path, name: str) -> str:
     """Write plots/<name>.png (atomically) and return the relative link for report.md."""
     plots.mkdir(parents=True, exist_ok=True)
-    tmp = plots / f".{name}.tmp.png"
+    tmp = plots / f".{name}.tmp.png"  # the suffix tells matplotlib the format
     fig.savefig(tmp, dpi=DPI)
     os.replace(tmp, plots / f"{name}.png")
     return f"plots/{name}.png"
@@ -666,8 +611,4 @@ def write_report(run_dir: Path, mfu: float = 0.4) -> Path:
     lines += section_mtp(run)
     lines += section_compute(run, plots, mfu)
     lines += section_examples(run)
-    path = run.dir / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines).rstrip() + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(run.dir / "report.md", "\n".join(lines).rstrip() + "\n")

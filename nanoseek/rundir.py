@@ -166,21 +166,29 @@ def stage_rank(name: str) -> tuple[int, str]:
     return (STAGES.index(name) if name in STAGES else len(STAGES), name)
 
 
-def read_state(run_dir: str | Path, notes: list[str] | None = None) -> dict | None:
-    """pipeline.json of a run directory (None when there is none; unreadable: an error, or a note given `notes`)."""
-    path = Path(run_dir) / PIPELINE_STATE
-    if not path.exists():
-        return None
+def read_json(path: str | Path, notes: list[str] | None = None) -> dict | None:
+    """A file holding one JSON object. One that cannot be read is an error naming it or, given `notes`, None and a
+    note."""
+    path = Path(path)
     try:
-        state = json.loads(path.read_text())
-        if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         if notes is None:
             raise DataError(f"{path}: cannot be read ({e})") from None
         notes.append(f"`{path.name}` in `{path.parent}` could not be read ({type(e).__name__}); left out")
         return None
-    return state
+    if not isinstance(data, dict):
+        if notes is None:
+            raise DataError(f"{path}: not a JSON object")
+        notes.append(f"`{path}` is not a JSON object; left out")
+        return None
+    return data
+
+
+def read_state(run_dir: str | Path, notes: list[str] | None = None) -> dict | None:
+    """pipeline.json of a run directory, or None when it has none (see `read_json` for one that cannot be read)."""
+    path = Path(run_dir) / PIPELINE_STATE
+    return read_json(path, notes) if path.exists() else None
 
 
 def find_stages(run_dir: str | Path, notes: list[str] | None = None) -> list[StageDir]:

@@ -10,8 +10,6 @@ permutation every epoch; the loader's state is (epoch, cursor), so a resumed run
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .rundir import commit, staging
 
 INDEX = "index.json"
 
@@ -29,9 +28,7 @@ def write_shards(documents: Iterable[tuple[list[int], list[int] | None]], out_di
     """Pack (token ids, loss mask or None) documents into shards under out_dir, atomically (a `.tmp` sibling renamed
     into place). Either every document has a mask or none does. Returns the index."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging(out_dir)
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     shards, tokens, masks, n_docs, has_mask = [], [], [], 0, None
 
@@ -62,9 +59,7 @@ def write_shards(documents: Iterable[tuple[list[int], list[int] | None]], out_di
     index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "eos_id": eos_id, "masked": bool(has_mask),
              "documents": n_docs, "tokens": sum(s["tokens"] for s in shards), "shards": shards}
     (tmp / INDEX).write_text(json.dumps(index, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    commit(tmp, out_dir)
     return index
 
 

@@ -25,7 +25,6 @@ tokenizer_config.json for transformers, vLLM and SGLang; `Tokenizer.apply_chat_t
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
 from .errors import NanoseekError
+from .rundir import write_text
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -150,8 +150,8 @@ class Tokenizer:
                   "eos_token": self.eos_token, "pad_token": self.pad_token, "unk_token": None,
                   "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
                   "model_max_length": self.model_max_length, "chat_template": CHAT_TEMPLATE}
-        _write_atomic(path / "tokenizer.json", self._tok.to_str(pretty=True))
-        _write_atomic(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_text(path / "tokenizer.json", self._tok.to_str(pretty=True))
+        write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -182,12 +182,6 @@ class Tokenizer:
         pad = token("pad_token") or (PAD if tok.token_to_id(PAD) is not None else eos)
         source = str(config_file if config else file)
         return cls(tok, bos, eos, pad, int(config.get("model_max_length", MODEL_MAX_LENGTH)), source)
-
-
-def _write_atomic(file: Path, text: str) -> None:
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, file)
 
 
 def _pieces(texts: Iterable[str]) -> Iterator[str]:

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from ..data import held_out_path, read_jsonl, write_json, write_jsonl
+from ..data import held_out_path, read_jsonl, write_jsonl
 from ..errors import TrainError
 from ..evaluate import sample_completions
 from ..checkpoint import load_model
 from ..rewards import format_reward
-from ..rundir import check_writable
+from ..rundir import check_writable, write_json
 from ..sampling import SamplingParams
 from ..tasks import Mixture, Problem, get_family
 from ..tokenizer import Tokenizer
