@@ -53,7 +53,8 @@ def cmd_pipeline(args) -> None:
     """The end-to-end demo (`nanoseek demo`) and other multi-stage recipes (`nanoseek pipeline --recipe r1`)."""
     import shutil
 
-    from .pipeline import Pipeline, PipelineConfig, summary
+    from .gains import summary
+    from .pipeline import Pipeline, PipelineConfig
     from .rundir import PIPELINE_STATE
     recipe = args.recipe or ("demo-gpu" if args.device == "cuda" else "demo")
     out = Path(args.out or f"runs/{Path(recipe).stem}")
@@ -129,7 +130,7 @@ def cmd_tokenizer_train(args) -> None:
     """Byte-level BPE on data files: .txt (one document each), .jsonl rows (prompt + solution, or text), .parquet."""
     from .cost import format_count
     from .tokenizer import RESERVED, train_tokenizer
-    from .train.lm import tokenizer_texts
+    from .train.lm_data import tokenizer_texts
     seen = {"documents": 0, "characters": 0}
 
     def texts():

@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 
 from .config import ModelConfig
 from .errors import ConfigError, DataError, NanoseekError
+from .gains import summary
 from .rundir import find_stages, read_json, read_metrics, read_state, write_text
 
 GRPO_METRICS = (("reward", "reward"), ("accuracy", "accuracy"), ("format_rate", "format rate"),
@@ -330,7 +331,6 @@ def section_evals(run: Run, plots: Path) -> list[str]:
     lines = ["## Held-out accuracy", ""]
     summarised = run.pipeline is not None and (run.dir / "data" / "eval.jsonl").exists()  # a pipeline run
     if summarised:
-        from .pipeline import summary
         lines += ["```", *summary(run.dir), "```", "",
                   "pass@1 ± its standard error over the problems; a gain is the mean of the per-problem differences "
                   "± their standard error (both models answer the same problems). `same time`: the second stage "

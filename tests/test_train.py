@@ -16,7 +16,7 @@ from nanoseek.errors import TrainError
 from nanoseek.tasks import Mixture
 from nanoseek.train.lm import masked_ce, run
 from nanoseek.train.trainer import learning_rate
-from nanoseek.train.recipe import load_config
+from nanoseek.train.recipe import load_config, parse_overrides
 
 from .conftest import crash_after, settings
 
@@ -47,6 +47,20 @@ def test_resume_is_bit_exact(corpus, tmp_path, monkeypatch):
         run(settings(corpus, tmp_path / "resumed"))
     assert len(losses(tmp_path / "resumed")) == 6
     run(settings(corpus, tmp_path / "resumed", resume=True))  # back to the step-4 checkpoint, then on to 8
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_killed_before_its_first_checkpoint_logs_each_step_once(corpus, tmp_path, monkeypatch):
+    """A resume with no checkpoint to go back to starts over, and its metrics.jsonl starts over with it."""
+    run(settings(corpus, tmp_path / "straight"))
+    crash_after(monkeypatch, 3)  # the first checkpoint comes at step 4
+    with pytest.raises(KeyboardInterrupt):
+        run(settings(corpus, tmp_path / "resumed"))
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # and a row cut short by the kill
+    run(settings(corpus, tmp_path / "resumed", resume=True))
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
 
 
@@ -157,6 +171,28 @@ def test_schedules():
 def test_bad_settings_fail_before_training(args, message, capsys):
     assert main(["pretrain", "--recipe", "cpu-demo", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_settings_sections_flat_nested_and_dotted(tmp_path):
+    """Each stage's settings live in its section; a flat key goes to the section of the stage that has it (old
+    recipes), a nested mapping or a dotted flag names the section itself."""
+    flags = parse_overrides(["--grpo.epsilon-high", "0.28", "--temperature", "0.7"])
+    grpo = load_config(None, flags, stage="grpo", init="m", tasks="t", group_size=4)
+    assert (grpo.grpo.group_size, grpo.grpo.epsilon_high, grpo.grpo.temperature) == (4, 0.28, 0.7)
+    assert grpo.distill.samples == 8  # untouched: group_size is GRPO's here
+    recipe = tmp_path / "student.yaml"
+    recipe.write_text("stage: distill\nteacher: t\ntasks: x\ngroup_size: 4\ntemperature: 0.6\n"
+                      "moe: {mtp_lambda: 0.0}\n")
+    student = load_config(str(recipe), {})
+    assert (student.distill.samples, student.distill.temperature, student.distill.teacher) == (4, 0.6, "t")
+    assert student.grpo.group_size == 8 and student.moe.mtp_lambda == 0.0
+    with pytest.raises(TrainError, match=r"'grpo.group_size' = 1: must be >= 2"):
+        load_config(None, {"group_size": "1"}, stage="grpo", init="m", tasks="t")
+    with pytest.raises(TrainError, match=r"'distill.teacher' = None: must be is set"):
+        load_config(None, {}, stage="distill", tasks="t")
+    with pytest.raises(TrainError, match=r"unknown key 'grpo.beat'"):
+        load_config(None, {"grpo.beat": "0.1"}, data=["x"])
+    assert load_config(None, {"group_size": "1"}, data=["x"]).grpo.group_size == 1  # not validated outside GRPO
 
 
 def test_numbers_in_every_spelling():
