@@ -90,6 +90,23 @@ def commit(tmp: Path, path: str | Path) -> Path:
     return path
 
 
+def remove_dir(path: str | Path) -> None:
+    """Delete a directory so that a kill half-way leaves nothing of it under its own name: it is renamed to a `.del`
+    sibling in one step, then deleted (`sweep` removes what a kill left of that)."""
+    path = Path(path)
+    trash = path.with_name(path.name + ".del")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def sweep(folder: str | Path, pattern: str = "*") -> None:
+    """Remove the `.tmp` and `.del` leftovers of killed writes and deletions among `folder`'s entries `pattern`."""
+    for stale in [*Path(folder).glob(f"{pattern}.tmp"), *Path(folder).glob(f"{pattern}.del")]:
+        shutil.rmtree(stale)
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """`with atomic_dir(p) as tmp:` write into tmp; on leaving the block tmp becomes p (on an error p is untouched)."""

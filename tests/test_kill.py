@@ -30,7 +30,6 @@ import torch
 from safetensors.torch import load_file
 
 from nanoseek.checkpoint import load_model
-from nanoseek.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY, KILLS, SEED = 36, 3, 20, 20240
@@ -212,7 +211,7 @@ KILL_MID_PRUNE = """
 import os, shutil, signal, sys
 real_rmtree = shutil.rmtree
 def rmtree(path, *args, **kwargs):
-    if str(path).endswith("checkpoints/step_000002"):  # pruned after the last checkpoint (step 6, keep_last 2)
+    if "checkpoints/step_000002" in str(path):  # pruned after the last checkpoint (step 6, keep_last 2)
         real_rmtree(os.path.join(path, "model"))  # rmtree goes entry by entry: killed half-way through
         os.kill(os.getpid(), signal.SIGKILL)
     real_rmtree(path, *args, **kwargs)
@@ -223,10 +222,6 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=CheckpointError,
-                   reason="Trainer.save_checkpoint prunes old checkpoints with a plain shutil.rmtree: a kill "
-                   "half-way through the pruning after the last checkpoint leaves a half-removed checkpoint "
-                   "(trainer_state/state.pt, no weights) that no later save prunes")
 def test_sigkill_while_pruning_the_last_old_checkpoint(corpus, tmp_path):
     out = tmp_path / "run"
     cmd = command(corpus, out, False, steps=6, save_every=2)

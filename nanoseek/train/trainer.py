@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -45,7 +44,7 @@ from .. import distributed
 from ..cost import matmul_peak
 from ..errors import TrainError
 from ..model import Transformer
-from ..rundir import MetricsLog, commit, staging
+from ..rundir import MetricsLog, commit, remove_dir, staging, sweep
 from .balance import max_violation, update_bias
 from .recipe import TrainConfig
 
@@ -146,7 +145,7 @@ class Trainer:
                  "config": self.cfg.to_dict()}, indent=2))
             commit(tmp, final)
             for old in self.checkpoints()[:-self.cfg.keep_last]:
-                shutil.rmtree(old)
+                remove_dir(old)
         distributed.barrier()
         return final
 
@@ -160,9 +159,8 @@ class Trainer:
         distributed.barrier()
 
     def resume(self) -> None:
-        if self.main:
-            for stale in self.ckpt_dir.glob("step_*.tmp"):  # a save that was killed half-way
-                shutil.rmtree(stale)
+        if self.main and self.ckpt_dir.is_dir():  # what a kill left of a save or of a pruned checkpoint
+            sweep(self.ckpt_dir, "step_*")
         distributed.barrier()
         ckpts = self.checkpoints()
         if not ckpts:  # killed before its first checkpoint: a fresh start
