@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import PRESETS, ModelConfig
 from .errors import NanoseekError, TrainError
+from .rundir import write_json
 
 
 def _load_config(args) -> tuple[ModelConfig, str]:
@@ -211,9 +212,7 @@ def cmd_eval(args) -> None:
     if args.compile:
         print(f"compiling the decode step took {report['compile_seconds']:.1f} s of the run")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        print(f"report: {args.out}")
+        print(f"report: {write_json(args.out, report)}")
 
 
 def cmd_chat(args) -> None:
