@@ -247,7 +247,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    """The OpenAI-compatible server (nanoseek/serve.py) for one model directory, until Ctrl-C."""
+    """The OpenAI-compatible server (nanoseek/serve/) for one model directory, until Ctrl-C."""
     import uvicorn
 
     from .serve import create_app

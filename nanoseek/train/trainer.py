@@ -3,7 +3,7 @@
 A stage hands the Trainer a model, a loader with `next()` and `state_dict()` / `load_state_dict()`, and a loss
 function `loss_fn(model, batch, step) -> StepOutput`; the Trainer knows no stage and does the rest:
 
-  for each step: lr, MTP weight and balancing speed from the schedule -> grad_accum micro-batches (forward,
+  for each step: lr and balancing speed from the schedule -> grad_accum micro-batches (the stage's forward,
   backward) -> clip to 1.0 -> AdamW -> move the gate biases by the step's expert loads -> log a metrics.jsonl row
   -> every `save_every` steps an atomic checkpoint, keeping the last `keep_last`; until `max_steps`, or until the
   steps' summed seconds reach `max_seconds` (an equal-time control; the sum is checkpointed, so a resume keeps it).
