@@ -36,8 +36,8 @@ from torch.fx.experimental import _config as fx_config
 
 from .model import Transformer
 from .model.attention import LatentCache, positions_of
-from .sampling import (RowSettings, SamplingError, SamplingParams, draw_one, log_probs, probabilities, sample,
-                       speculative_accept)
+from .sampling import (RowSettings, SamplingError, SamplingParams, TokenLogprob, draw_one, log_probs, probabilities,
+                       sample, speculative_accept, token_logprobs)
 from .tokenizer import Tokenizer
 
 
@@ -47,6 +47,10 @@ class Completion:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)  # generated, the stop token included
     logprobs: list[float] = field(default_factory=list)  # one per generated token, see sampling.log_probs
+    # with `params.logprobs` / `params.prompt_logprobs`: the model's own log-probs (sampling.TokenLogprob) of each
+    # generated token / each prompt token (None for the first)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     text: str = ""  # decoded, without the stop token or stop string
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
 
@@ -58,6 +62,7 @@ class Event:
     new_text: str  # text safe to show now (a possible start of a stop string is held back)
     new_token_ids: list[int]
     finished: bool
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens recorded in this step (when asked)
 
 
 class _Sequence:
@@ -96,23 +101,24 @@ def shared_prefix(prompts: list[list[int]]) -> int:
 
 # ---- the fixed-shape steps (compiled with `compile=True`) ---------------------------------------------------------
 def decode_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: list[LatentCache],
-                cache_len: int, rows: RowSettings, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                cache_len: int, rows: RowSettings, u: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """tokens (B, 1) at positions pos (B,), each row's sampling settings and uniform number u (B,) -> the next
-    token of every row (B,), its reported log-prob (B,), and the final hidden state (B, D)."""
+    token of every row (B,), its reported log-prob (B,), the final hidden state (B, D) and the logits (B, V)."""
     out = model(tokens, cache=cache, start_pos=pos, cache_len=cache_len)
     token, logprob = sample(out.logits[:, -1], rows, u)
-    return token, logprob, out.hidden[:, -1]
+    return token, logprob, out.hidden[:, -1], out.logits[:, -1]
 
 
 def verify_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: list[LatentCache],
-                cache_len: int, rows: RowSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                cache_len: int, rows: RowSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Speculation's check: tokens (B, 2) = [t_p, draft] at [p, p + 1] -> the main model's sampling distributions
-    (B, 2, V) and reported log-probs (B, 2, V) after each, and its hidden states (B, 2, D)."""
+    (B, 2, V) and reported log-probs (B, 2, V) after each, its hidden states (B, 2, D) and logits (B, 2, V)."""
     out = model(tokens, cache=cache, start_pos=pos, cache_len=cache_len)
     twice = rows.repeat_interleave(2)
     logits = out.logits.flatten(0, 1)
     return (probabilities(logits, twice).view_as(out.logits), log_probs(logits, twice).view_as(out.logits),
-            out.hidden)
+            out.hidden, out.logits)
 
 
 def draft_step(model: Transformer, h: torch.Tensor, next_ids: torch.Tensor, pos: torch.Tensor,
@@ -298,6 +304,9 @@ class Engine:
         for row, (group, n) in enumerate(zip(by_prompt.values(), lengths)):
             for seq in group:
                 seq.hidden = h[row, max(0, n - 2):n]
+                if seq.params.prompt_logprobs is not None:  # what the model gave each prompt token after the first
+                    seq.c.prompt_logprobs = [None, *token_logprobs(self.model.lm_head(h[row, :n - 1]), ids[row, 1:n],
+                                                                   seq.params.prompt_logprobs)]
             for _ in group[1:]:
                 for c in self.cache:
                     c.kv[copy_slot, :n] = c.kv[first_slot + row, :n]
@@ -321,7 +330,8 @@ class Engine:
         """Draw each row's next token from its logits (n, V) with the row's own settings and generator."""
         u = uniforms(rows, self.device)
         tokens, logprobs = sample(logits, RowSettings.of([s.params for s in rows], self.device), u)
-        return [e for seq, t, lp in zip(rows, tokens.tolist(), logprobs.tolist()) for e in self._record(seq, t, lp)]
+        return [e for seq, t, lp, row in zip(rows, tokens.tolist(), logprobs.tolist(), logits)
+                for e in self._record(seq, t, lp, row)]
 
     def _inputs(self, rows: list[_Sequence], tokens: list[list[int]]):
         """The step's tensors: tokens (n, T), positions (n,), and each row's sampling settings."""
@@ -333,15 +343,15 @@ class Engine:
         tokens, pos, settings = self._inputs(rows, [[s.pending] for s in rows])
         u = uniforms(rows, self.device)
         cache_len = max(s.pos for s in rows) + 1
-        token, logprob, hidden = self._run(decode_step, self.model, tokens, pos, self._rows(0, len(rows))[0],
-                                           cache_len, settings, u)
+        token, logprob, hidden, logits = self._run(decode_step, self.model, tokens, pos, self._rows(0, len(rows))[0],
+                                                   cache_len, settings, u)
         events = []
-        for seq, h, t, lp in zip(rows, hidden, token.tolist(), logprob.tolist()):
+        for seq, h, t, lp, row in zip(rows, hidden, token.tolist(), logprob.tolist(), logits):
             seq.pos += 1
             seq.prev = seq.pending
             if self.speculative:  # the MTP draft reads the last two hidden states
                 seq.hidden = torch.stack([seq.hidden[-1], h])
-            events += self._record(seq, t, lp)
+            events += self._record(seq, t, lp, row)
         return events
 
     def _decode_speculative(self) -> list[Event]:
@@ -362,7 +372,7 @@ class Engine:
         drafts = [draw_one(q[i], s.generator) for i, s in enumerate(rows)]
         tokens = torch.tensor([[s.pending, d] for s, d in zip(rows, drafts)], device=self.device)
         torch._dynamo.mark_static(tokens, 1)
-        p, logp, hidden = self._run(verify_step, self.model, tokens, pos, main, reach + 2, settings)
+        p, logp, hidden, logits = self._run(verify_step, self.model, tokens, pos, main, reach + 2, settings)
         p, logp = p.cpu(), logp.cpu()
         events = []
         for i, seq in enumerate(rows):
@@ -370,46 +380,51 @@ class Engine:
             self.drafted += 1
             seq.pos += 1
             seq.hidden, seq.prev = torch.stack([seq.hidden[-1], hidden[i, 0]]), seq.pending
-            events += self._record(seq, token, float(logp[i, 0, token]))
+            events += self._record(seq, token, float(logp[i, 0, token]), logits[i, 0])
             if kept and seq.c.finish_reason is None:
                 self.accepted += 1
                 seq.pos += 1
                 seq.hidden, seq.prev = hidden[i, :2], token
                 after = draw_one(p[i, 1], seq.generator)
-                events += self._record(seq, after, float(logp[i, 1, after]))
+                events += self._record(seq, after, float(logp[i, 1, after]), logits[i, 1])
         return events
 
     # ---- tokens in, events out -----------------------------------------------------------------------------------
-    def _record(self, seq: _Sequence, token: int, logprob: float) -> list[Event]:
-        """Append a token (and its log-prob, see sampling.log_probs) and check the stop conditions."""
+    def _record(self, seq: _Sequence, token: int, logprob: float, logits: torch.Tensor) -> list[Event]:
+        """Append a token (and its log-prob, see sampling.log_probs; with `params.logprobs` also the model's own,
+        from the logits (V,) it was drawn from) and check the stop conditions."""
         if seq.c.finish_reason is not None:
             return []
         seq.c.token_ids.append(token)
         seq.c.logprobs.append(logprob)
+        reported = []
+        if seq.params.logprobs is not None:
+            reported = token_logprobs(logits[None], torch.tensor([token], device=logits.device), seq.params.logprobs)
+            seq.c.token_logprobs += reported
         if token in seq.stop_ids:
-            return [self._finish(seq, "stop")]
+            return [self._finish(seq, "stop", reported)]
         seq.raw_text += seq.stream.step(token)
         seq.pending = token
         for stop in seq.params.stop:
             at = seq.raw_text.find(stop, max(0, seq.shown - len(stop)))
             if at >= 0:
                 seq.raw_text = seq.raw_text[:at]
-                return [self._finish(seq, "stop")]
+                return [self._finish(seq, "stop", reported)]
         if len(seq.c.token_ids) >= seq.params.max_new_tokens or seq.pos + 1 >= self.max_len:
-            return [self._finish(seq, "length")]
+            return [self._finish(seq, "length", reported)]
         hold = max((k for s in seq.params.stop for k in range(len(s), 0, -1)
                     if seq.raw_text.endswith(s[:k])), default=0)  # a stop string may be starting
         new = seq.raw_text[seq.shown:len(seq.raw_text) - hold]
         seq.shown += len(new)
-        return [Event(seq.c, new, [token], False)]
+        return [Event(seq.c, new, [token], False, reported)]
 
-    def _finish(self, seq: _Sequence, reason: str) -> Event:
+    def _finish(self, seq: _Sequence, reason: str, reported: list[TokenLogprob] | None = None) -> Event:
         seq.c.finish_reason = reason
         seq.c.text = seq.raw_text
         new = seq.raw_text[seq.shown:]
         if seq in self.waiting:
             self.waiting.remove(seq)
-        return Event(seq.c, new, seq.c.token_ids[-1:] if reason == "stop" else [], True)
+        return Event(seq.c, new, seq.c.token_ids[-1:] if reason == "stop" else [], True, reported or [])
 
 
 def greedy_generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int,

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from .errors import NanoseekError
 
 
+MAX_LOGPROBS = 20  # the most alternatives a token's log-prob report lists (OpenAI's limit)
+
+
 class SamplingError(NanoseekError):
     pass
 
@@ -31,13 +34,18 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # strings that end the text (not included in it)
     stop_token_ids: list[int] = field(default_factory=list)  # besides end-of-sentence
     ignore_eos: bool = False
+    logprobs: int | None = None  # report every generated token's log-prob and this many alternatives (None: none)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self):
         rules = [("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an int >= 1"),
                  ("temperature", 0 <= self.temperature <= 100, "in [0, 100]"),
                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
                  ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an int >= 0"),
-                 ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings")]
+                 ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+                 *((name, getattr(self, name) is None or isinstance(getattr(self, name), int)
+                    and 0 <= getattr(self, name) <= MAX_LOGPROBS, f"None or an int in [0, {MAX_LOGPROBS}]")
+                   for name in ("logprobs", "prompt_logprobs"))]
         for name, ok, rule in rules:
             if not ok:
                 raise SamplingError(f"{name} = {getattr(self, name)!r}: must be {rule}")
@@ -45,6 +53,23 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the model's own distribution (log softmax of its logits: before temperature,
+    top-k and top-p, as OpenAI and vLLM report it) and the most likely tokens at that place, with theirs."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """logits (N, V) and the tokens that came next (N,) -> N TokenLogprobs with the k most likely tokens each."""
+    raw = logits.float().log_softmax(-1)
+    chosen = raw.gather(-1, tokens[:, None])[:, 0].tolist()
+    values, ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
+    return [TokenLogprob(t, lp, list(zip(i, v))) for t, lp, i, v in
+            zip(tokens.tolist(), chosen, ids.tolist(), values.tolist())]
 
 
 class RowSettings(NamedTuple):

@@ -150,6 +150,36 @@ def test_cancel_frees_the_slot(model, tok):
     assert a.finish_reason == "cancelled" and b.finish_reason == "length" and len(b.token_ids) == 3
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_reported_log_probs_are_the_models_own(model, tok, speculative):
+    """With logprobs / prompt_logprobs every generated and prompt token carries log softmax of the model's logits
+    (not the sampling temperature's) and the k most likely tokens; the events hand out each token's report once."""
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    params = SamplingParams(max_new_tokens=6, temperature=0.8, seed=1, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    engine = Engine(model, tok, max_batch=2, max_len=64, speculative=speculative)
+    done = [engine.submit(p, params) for p in prompts]
+    reported = {c.id: [] for c in done}
+    while engine.has_work():
+        for e in engine.step():
+            reported[e.completion.id] += e.logprobs
+    for c in done:
+        ids = c.prompt_ids + c.token_ids
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)  # for ids[1:]
+        assert reported[c.id] == c.token_logprobs and len(c.token_logprobs) == 6
+        assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(c.prompt_ids)
+        for at, entry in enumerate(c.prompt_logprobs[1:] + c.token_logprobs, start=1):
+            row = expected[at - 1]
+            assert entry.token == ids[at] and entry.logprob == pytest.approx(float(row[ids[at]]), abs=1e-5)
+            k = 2 if at < len(c.prompt_ids) else 3
+            assert [t for t, _ in entry.top] == row.topk(k).indices.tolist()
+            assert [v for _, v in entry.top] == pytest.approx(row.topk(k).values.tolist(), abs=1e-5)
+    plain = Engine(model, tok, max_batch=2, max_len=64).generate(prompts, SamplingParams(max_new_tokens=6))
+    assert all(not c.token_logprobs and not c.prompt_logprobs for c in plain)  # nothing when not asked
+    with pytest.raises(SamplingError, match="logprobs = 21: must be None or an int in"):
+        SamplingParams(logprobs=21)
+
+
 def test_bad_requests_are_named(model, tok):
     engine = Engine(model, tok, max_batch=1, max_len=16)
     with pytest.raises(SamplingError, match="prompt: 20 tokens"):
