@@ -57,6 +57,57 @@ def wait_idle(url: str, timeout: float = 20.0) -> dict:
     return h
 
 
+# ---- log-probs ---------------------------------------------------------------------------------------------------
+def model_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log softmax of the model's logits before each of ids[1:] (len - 1, V), by one full forward."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+
+
+def test_completion_log_probs_with_echo_are_the_models_own(client, model):
+    """What lm-eval's local-completions sends for a log-likelihood: token ids, echo, logprobs, greedy."""
+    prompt = [0, 5, 17, 42, 9, 33]
+    r = client.completions.create(model=NAME, prompt=prompt, echo=True, logprobs=2, max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(prompt) + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    greedy = list(prompt)
+    for _ in range(4):
+        greedy.append(int(model_logprobs(model, greedy + [0])[-1].argmax()))
+    expected = model_logprobs(model, greedy)
+    for at in range(1, len(greedy)):
+        assert lp.token_logprobs[at] == pytest.approx(float(expected[at - 1, greedy[at]]), abs=1e-5)
+        top = lp.top_logprobs[at]
+        assert max(top.values()) == pytest.approx(float(expected[at - 1].max()), abs=1e-5)  # lm-eval's is_greedy
+        assert 1 <= len(top) <= 3  # the two most likely and the token itself, by text (byte pieces decode alike)
+    assert lp.text_offset[0] == 0 and r.choices[0].text.startswith("".join(lp.tokens[:len(prompt)]))
+
+
+def test_chat_log_probs_plain_and_streamed(client):
+    kw = dict(model=NAME, messages=CHAT, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**kw)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 and c.top_logprobs[0].logprob >= c.logprob
+               and c.bytes == list(c.token.encode()) for c in content)
+    streamed = [c.logprobs.content for chunk in client.chat.completions.create(**kw, stream=True)
+                for c in chunk.choices if c.logprobs is not None]
+    assert [(c.token, c.logprob) for part in streamed for c in part] == [(c.token, c.logprob) for c in content]
+    plain = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
+
+
+def test_streamed_completion_log_probs_and_echo_add_up(client):
+    kw = dict(model=NAME, prompt="What is 1+2?", echo=True, logprobs=1, max_tokens=6, temperature=0)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c for chunk in client.completions.create(**kw, stream=True) for c in chunk.choices]
+    assert "".join(c.text for c in chunks) == whole.text
+    parts = [c.logprobs for c in chunks if c.logprobs is not None]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for p in parts for x in getattr(p, key)] == getattr(whole.logprobs, key)
+
+
 # ---- reasoning ---------------------------------------------------------------------------------------------------
 SYNTHETIC = ["  <think> add the units\n</think>\n\n<answer>42</answer> ", "no tags at all  ",
              "<think>unclosed, all reasoning", "before <think>x</think> after <think>not reasoning</think>",
@@ -175,7 +226,11 @@ BAD = [  # (path, body, status, param)
     ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "top_p": 0}, 400, None),
     ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "n": 0}, 400, "n"),
     ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "n": 65}, 400, "n"),
-    ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/completions", {"model": NAME, "prompt": LONG}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": [5, 100000]}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": []}, 400, "prompt"),

@@ -26,6 +26,7 @@ from ..errors import NanoseekError
 from ..model import Transformer
 from ..sampling import SamplingParams
 from ..tokenizer import ReasoningSplitter, Tokenizer
+from .logprobs import chat_logprobs, completion_logprobs
 from .schemas import (UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, choice, sse,
                       usage)
 from .worker import EngineWorker, Job, job_events
@@ -170,7 +171,7 @@ class Server:
         if body.stream:
             head["object"] = "chat.completion.chunk" if chat else "text_completion"
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self.stream(jobs, head, prompt_tokens, include_usage, chat),
+            return StreamingResponse(self.stream(jobs, head, prompt_tokens, include_usage, body),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watch = asyncio.create_task(self.cancel_when_gone(request, jobs))
         try:
@@ -180,8 +181,24 @@ class Server:
             watch.cancel()
             self.worker.cancel(jobs)
         return {**head, "object": "chat.completion" if chat else "text_completion",
-                "choices": [choice(index, c, chat) for index, c in sorted(done.items())],
+                "choices": [self.finished(index, c, body) for index, c in sorted(done.items())],
                 "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in done.values()))}
+
+    def text_of(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def finished(self, index: int, c: Completion, body: GenerationRequest) -> dict:
+        """A finished choice, with its log-probs and (completions with echo) its prompt, as the request asked."""
+        report, prompt_report = body.reported_logprobs()
+        if isinstance(body, ChatCompletionRequest):
+            return choice(index, c, True, None if report is None else chat_logprobs(c.token_logprobs, self.text_of))
+        echo = self.tokenizer.decode(c.prompt_ids) if body.echo else ""
+        if report is None:
+            return choice(index, c, False, None, echo)
+        ids, entries = c.token_ids, c.token_logprobs
+        if prompt_report is not None:
+            ids, entries = c.prompt_ids + ids, c.prompt_logprobs + entries
+        return choice(index, c, False, completion_logprobs(ids, entries, self.text_of), echo)
 
     def jobs_for(self, body: GenerationRequest, prompts: list[list[int]], what: str) -> list[Job]:
         """Check the request against the model and the context; one job per prompt and choice."""
@@ -197,6 +214,7 @@ class Server:
                            f"{self.max_queue} at once", "n")
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        report, prompt_report = body.reported_logprobs()
         loop, events, jobs = asyncio.get_running_loop(), asyncio.Queue(), []
         context = self.context
         for p, ids in enumerate(prompts):
@@ -217,7 +235,8 @@ class Server:
                     max_new_tokens=room if asked is None else asked,
                     temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
-                    seed=None if body.seed is None else body.seed + i, stop=stop, ignore_eos=body.ignore_eos)
+                    seed=None if body.seed is None else body.seed + i, stop=stop, ignore_eos=body.ignore_eos,
+                    logprobs=report, prompt_logprobs=prompt_report)
                 jobs.append(Job(ids, params, p * n + i, events, loop))
         return jobs
 
@@ -228,14 +247,16 @@ class Server:
         self.worker.cancel(jobs)
 
     async def stream(self, jobs: list[Job], head: dict, prompt_tokens: int, include_usage: bool,
-                     chat: bool) -> AsyncIterator[str]:
-        """Server-sent events: per choice a first chunk (chat: the role), text deltas, a chunk with the
-        finish_reason; then with include_usage a last chunk with the usage and no choices; then [DONE]."""
-        splitters = {job.index: ReasoningSplitter() for job in jobs}
+                     body: GenerationRequest) -> AsyncIterator[str]:
+        """Server-sent events: per choice a first chunk (chat: the role; completions with echo: the prompt), deltas
+        with the log-probs of their tokens when asked, a chunk with the finish_reason; then with include_usage a
+        last chunk with the usage and no choices; then [DONE]."""
+        chat = isinstance(body, ChatCompletionRequest)
+        deltas = {job.index: StreamDeltas(self, body) for job in jobs}
         null_usage = {"usage": None} if include_usage else {}
 
-        def chunk(index: int, fields: dict, finish_reason: str | None = None) -> str:
-            return sse({**head, "choices": [{"index": index, **fields, "logprobs": None,
+        def chunk(index: int, fields: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
+            return sse({**head, "choices": [{"index": index, **fields, "logprobs": logprobs,
                                              "finish_reason": finish_reason}], **null_usage})
 
         completion_tokens = 0
@@ -245,16 +266,10 @@ class Server:
             async for batch in job_events(jobs):
                 chunks = []  # written together
                 for index, event in batch:
-                    if chat:
-                        reasoning, content = splitters[index].feed(event.new_text, final=event.finished)
-                        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
-                        if delta:
-                            chunks.append(chunk(index, {"delta": delta}))
-                    elif event.new_text:
-                        chunks.append(chunk(index, {"text": event.new_text}))
+                    chunks += [chunk(index, fields, logprobs) for fields, logprobs in deltas[index].of(event)]
                     if event.finished:
                         completion_tokens += len(event.completion.token_ids)
-                        chunks.append(chunk(index, {"delta": {}} if chat else {"text": ""},
+                        chunks.append(chunk(index, {"delta": {}} if chat else {"text": ""}, None,
                                             event.completion.finish_reason))
                 if chunks:
                     yield "".join(chunks)
@@ -265,6 +280,43 @@ class Server:
             yield sse(e.body)
         finally:  # a client that went away (the stream closed early) frees its slots; finished jobs are left alone
             self.worker.cancel(jobs)
+
+
+class StreamDeltas:
+    """One streamed choice: turns its events into the fields and log-probs of its chunks (chat: the reasoning apart
+    from the answer; completions with echo: the prompt first)."""
+
+    def __init__(self, server: Server, body: GenerationRequest):
+        self.server, self.chat = server, isinstance(body, ChatCompletionRequest)
+        self.report, self.prompt_report = body.reported_logprobs()
+        self.echo = not self.chat and bool(body.echo)
+        self.splitter = ReasoningSplitter()
+        self.started, self.offset = False, 0  # the prompt sent (echo); where the next token's text starts
+
+    def of(self, event) -> list[tuple[dict, dict | None]]:
+        c, text_of = event.completion, self.server.text_of
+        if self.chat:
+            reasoning, content = self.splitter.feed(event.new_text, final=event.finished)
+            delta = {k: v for k, v in (("reasoning_content", reasoning), ("reasoning", reasoning),
+                                       ("content", content)) if v}
+            logprobs = chat_logprobs(event.logprobs, text_of) if self.report is not None and event.logprobs else None
+            return [({"delta": delta}, logprobs)] if delta or logprobs else []
+        out = []
+        if self.echo and not self.started:
+            prompt = self.server.tokenizer.decode(c.prompt_ids)
+            logprobs = None
+            if self.prompt_report is not None:
+                logprobs = completion_logprobs(c.prompt_ids, c.prompt_logprobs, text_of)
+                self.offset = sum(map(len, logprobs["tokens"]))
+            out.append(({"text": prompt}, logprobs))
+        self.started = True
+        logprobs = None
+        if self.report is not None and event.logprobs:
+            logprobs = completion_logprobs([e.token for e in event.logprobs], event.logprobs, text_of, self.offset)
+            self.offset += sum(map(len, logprobs["tokens"]))
+        if event.new_text or logprobs:
+            out.append(({"text": event.new_text}, logprobs))
+        return out
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import Completion
+from ..sampling import MAX_LOGPROBS
 from ..tokenizer import split_reasoning
 
 
@@ -64,17 +65,36 @@ class GenerationRequest(_Strict):  # the fields both endpoints share
     n: int | None = Field(1, ge=1, description="choices per prompt")
     ignore_eos: bool = Field(False, description="extension: go on past the end-of-sentence token")
 
+    def reported_logprobs(self) -> tuple[int | None, int | None]:
+        """Alternatives to report with each generated token and each prompt token (None: no log-probs)."""
+        return None, None
+
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = Field(False, description="the model's log-prob of each output token")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="with logprobs: this many most likely tokens at each place")
+
+    def reported_logprobs(self) -> tuple[int | None, int | None]:
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text(s), or token ids")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="the log-prob of each token and of this many most likely alternatives")
+    echo: bool | None = Field(False, description="the prompt before the completion (with logprobs: and its "
+                              "tokens' log-probs)")
+
+    def reported_logprobs(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
 
 
 # Known OpenAI fields this server cannot honour: a request that sets one to anything but these values gets a 400.
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+UNSUPPORTED = {"best_of": (None, 1),
                "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
                "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
                "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
@@ -91,14 +111,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def choice(index: int, c: Completion, chat: bool) -> dict:
-    """A finished choice of a non-streaming response (chat: a message, the `<think>` part in reasoning_content)."""
+def choice(index: int, c: Completion, chat: bool, logprobs: dict | None = None, echo: str = "") -> dict:
+    """A finished choice of a non-streaming response (chat: a message, the `<think>` part in reasoning_content;
+    completions: the text, after the prompt's `echo`)."""
     if chat:
         reasoning, content = split_reasoning(c.text)
         message = {"role": "assistant", "content": content}
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning
+        if reasoning is not None:  # DeepSeek's name, and vLLM's newer one
+            message["reasoning_content"] = message["reasoning"] = reasoning
         fields = {"message": message}
     else:
-        fields = {"text": c.text}
-    return {"index": index, **fields, "logprobs": None, "finish_reason": c.finish_reason}
+        fields = {"text": echo + c.text}
+    return {"index": index, **fields, "logprobs": logprobs, "finish_reason": c.finish_reason}

@@ -143,7 +143,7 @@ async def job_events(jobs: list[Job]) -> AsyncIterator[list[tuple[int, Event]]]:
             if batch and batch[-1][0] == index:  # the same choice again: one event with both texts
                 before = batch[-1][1]
                 item = Event(item.completion, before.new_text + item.new_text,
-                             before.new_token_ids + item.new_token_ids, item.finished)
+                             before.new_token_ids + item.new_token_ids, item.finished, before.logprobs + item.logprobs)
                 batch.pop()
             batch.append((index, item))
         yield batch
