@@ -60,7 +60,7 @@ class Event:
     """What one engine step produced for one request."""
     completion: Completion
     new_text: str  # text safe to show now (a possible start of a stop string is held back)
-    new_token_ids: list[int]
+    new_token_ids: list[int]  # recorded in this step
     finished: bool
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens recorded in this step (when asked)
 
@@ -165,6 +165,7 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.ids = itertools.count()
         self.drafted = self.accepted = 0
+        self.reused_prompt_tokens = 0  # not computed again: copies of a repeated prompt, a prefix shared at prefill
         self.warmup_seconds = 0.0  # spent compiling (calls that built a new graph)
 
     def warmup(self, params: list[SamplingParams] | None = None) -> float:
@@ -288,6 +289,8 @@ class Engine:
         ids = ids.to(self.device)
         main, mtp = self._rows(first_slot, first_slot + len(firsts))
         shared = shared_prefix([seq.c.prompt_ids for seq in firsts]) if len(firsts) > 1 else 0
+        self.reused_prompt_tokens += shared * (len(firsts) - 1) + sum(
+            len(group[0].c.prompt_ids) * (len(group) - 1) for group in by_prompt.values())
         parts = []  # hidden states of every prompt position
         if shared:  # once, in the first row; the other rows get copies of its cache entries
             parts.append(self._forward_chunks(ids[:1, :shared], [c[:1] for c in main], 0).expand(len(firsts), -1, -1))
@@ -402,29 +405,31 @@ class Engine:
             reported = token_logprobs(logits[None], torch.tensor([token], device=logits.device), seq.params.logprobs)
             seq.c.token_logprobs += reported
         if token in seq.stop_ids:
-            return [self._finish(seq, "stop", reported)]
+            return [self._finish(seq, "stop", token, reported)]
         seq.raw_text += seq.stream.step(token)
         seq.pending = token
         for stop in seq.params.stop:
             at = seq.raw_text.find(stop, max(0, seq.shown - len(stop)))
             if at >= 0:
                 seq.raw_text = seq.raw_text[:at]
-                return [self._finish(seq, "stop", reported)]
+                return [self._finish(seq, "stop", token, reported)]
         if len(seq.c.token_ids) >= seq.params.max_new_tokens or seq.pos + 1 >= self.max_len:
-            return [self._finish(seq, "length", reported)]
+            return [self._finish(seq, "length", token, reported)]
         hold = max((k for s in seq.params.stop for k in range(len(s), 0, -1)
                     if seq.raw_text.endswith(s[:k])), default=0)  # a stop string may be starting
         new = seq.raw_text[seq.shown:len(seq.raw_text) - hold]
         seq.shown += len(new)
         return [Event(seq.c, new, [token], False, reported)]
 
-    def _finish(self, seq: _Sequence, reason: str, reported: list[TokenLogprob] | None = None) -> Event:
+    def _finish(self, seq: _Sequence, reason: str, token: int | None = None,
+                reported: list[TokenLogprob] | None = None) -> Event:
+        """End a sequence; `token`: the one recorded in this step, if any (it goes out with the event)."""
         seq.c.finish_reason = reason
         seq.c.text = seq.raw_text
         new = seq.raw_text[seq.shown:]
         if seq in self.waiting:
             self.waiting.remove(seq)
-        return Event(seq.c, new, seq.c.token_ids[-1:] if reason == "stop" else [], True, reported or [])
+        return Event(seq.c, new, [] if token is None else [token], True, reported or [])
 
 
 def greedy_generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int,

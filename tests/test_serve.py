@@ -108,6 +108,35 @@ def test_streamed_completion_log_probs_and_echo_add_up(client):
         assert [x for p in parts for x in getattr(p, key)] == getattr(whole.logprobs, key)
 
 
+# ---- metrics -----------------------------------------------------------------------------------------------------
+def test_metrics_count_requests_tokens_and_latencies(model, tok):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with running(create_app(model, tok, NAME, max_batch=4)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        chat = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=5, n=3, temperature=1, seed=2)
+        text = client.completions.create(model=NAME, prompt="1+1=", max_tokens=4, extra_body={"ignore_eos": True})
+        wait_idle(url)
+        r = httpx.get(f"{url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    generated = chat.usage.completion_tokens + text.usage.completion_tokens
+    assert value("nanoseek:generation_tokens_total") == generated
+    assert value("nanoseek:prompt_tokens_total") == chat.usage.prompt_tokens * 3 + text.usage.prompt_tokens
+    assert value("nanoseek:time_to_first_token_seconds_count") == 4  # one per choice
+    assert value("nanoseek:inter_token_latency_seconds_count") == generated - 4
+    finished = sum(value("nanoseek:requests_total", endpoint="chat", finish_reason=c.finish_reason)
+                   for c in {c.finish_reason: c for c in chat.choices}.values())
+    assert finished == 3 and value("nanoseek:requests_total", endpoint="completions", finish_reason="length") == 1
+    assert value("nanoseek:prefix_cache_hit_tokens_total") == 2 * chat.usage.prompt_tokens  # n=3: prefilled once
+    assert value("nanoseek:num_requests_running") == 0 and value("nanoseek:batch_occupancy") == 0
+
+
 # ---- reasoning ---------------------------------------------------------------------------------------------------
 SYNTHETIC = ["  <think> add the units\n</think>\n\n<answer>42</answer> ", "no tags at all  ",
              "<think>unclosed, all reasoning", "before <think>x</think> after <think>not reasoning</think>",

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Iterator
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
@@ -27,6 +28,7 @@ from ..model import Transformer
 from ..sampling import SamplingParams
 from ..tokenizer import ReasoningSplitter, Tokenizer
 from .logprobs import chat_logprobs, completion_logprobs
+from .metrics import ServerMetrics
 from .schemas import (UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, choice, sse,
                       usage)
 from .worker import EngineWorker, Job, job_events
@@ -44,7 +46,9 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, api_ke
     decode step, warmed up before the server takes requests."""
     if max_batch < 1 or max_queue < 1:
         raise NanoseekError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
-    worker = EngineWorker(lambda: Engine(model, tokenizer, max_batch, max_len, speculative, compile), max_queue)
+    metrics = ServerMetrics(max_batch)
+    worker = EngineWorker(lambda: Engine(model, tokenizer, max_batch, max_len, speculative, compile), max_queue,
+                          metrics)
     server = Server(worker, tokenizer, model_name, model.cfg.vocab_size, api_key, max_batch, compile)
     app = FastAPI(title="nanoseek", version=__version__, lifespan=server.lifespan,
                   description="An OpenAI-compatible API for a DeepSeek-V3-architecture model.")
@@ -56,6 +60,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, api_ke
     app.add_exception_handler(Exception, server_error)
     app.get("/", include_in_schema=False)(server.page)
     app.get("/health")(server.health)
+    app.get("/metrics", response_class=PlainTextResponse)(server.metrics)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(server.authorize)])
     v1.get("/models")(server.models)
     v1.get("/models/{model_id:path}")(server.model_info)
@@ -133,6 +138,10 @@ class Server:
         """Always open (no key): the model, requests in flight and the server's limits."""
         return {"status": "ok", "model": self.model_name, **self.worker.stats(), "max_batch": self.max_batch,
                 "max_queue": self.max_queue, "context": self.context}
+
+    async def metrics(self) -> PlainTextResponse:
+        """Always open (no key): Prometheus metrics in its text format (see serve/metrics.py)."""
+        return PlainTextResponse(self.worker.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "nanoseek",
@@ -237,7 +246,8 @@ class Server:
                     top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
                     seed=None if body.seed is None else body.seed + i, stop=stop, ignore_eos=body.ignore_eos,
                     logprobs=report, prompt_logprobs=prompt_report)
-                jobs.append(Job(ids, params, p * n + i, events, loop))
+                jobs.append(Job(ids, params, p * n + i, events, loop,
+                                "chat" if isinstance(body, ChatCompletionRequest) else "completions"))
         return jobs
 
     async def cancel_when_gone(self, request: Request, jobs: list[Job]) -> None:

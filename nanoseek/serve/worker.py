@@ -8,11 +8,13 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..engine import Completion, Engine, Event
 from ..sampling import SamplingError, SamplingParams
+from .metrics import ServerMetrics
 from .schemas import APIError
 
 log = logging.getLogger(__name__)
@@ -26,15 +28,18 @@ class Job:
     index: int
     events: asyncio.Queue  # (index, Event | APIError)
     loop: asyncio.AbstractEventLoop
+    endpoint: str = ""  # for the metrics: chat | completions
     completion: Completion | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    last_token_at: float | None = None  # when its latest token was handed out (None: none yet), for the metrics
 
 
 class EngineWorker:
     """The one thread that owns the Engine: takes jobs from a queue between steps and loops `step()` while there is
     work. `submit` and `cancel` are called from the event loop; everything else runs on the thread."""
 
-    def __init__(self, make_engine: Callable[[], Engine], max_queue: int):
-        self.make_engine, self.max_queue = make_engine, max_queue
+    def __init__(self, make_engine: Callable[[], Engine], max_queue: int, metrics: ServerMetrics):
+        self.make_engine, self.max_queue, self.metrics = make_engine, max_queue, metrics
         self.engine = make_engine()
         self.load = 0  # engine requests accepted and not finished
         self.cancelled = 0
@@ -89,6 +94,7 @@ class EngineWorker:
             self._deliver([(job, APIError(400, str(e)))])
             return
         self._jobs[job.completion.id] = job
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
 
     def _cancel(self, job: Job) -> None:
         if job.completion is not None:
@@ -103,7 +109,11 @@ class EngineWorker:
             self._deliver([(job, failure) for job in self._jobs.values()])
             self.engine = self.make_engine()
             return
-        self._deliver([(self._jobs[event.completion.id], event) for event in events])
+        items = [(self._jobs[event.completion.id], event) for event in events]
+        for job, event in items:
+            self.metrics.tokens(job, event)
+        self.metrics.step(self.engine)
+        self._deliver(items)
 
     def _deliver(self, items: list[tuple[Job, Event | APIError]]) -> None:
         """Hand each item to its request, with one wake-up per event loop for all of them."""
