@@ -250,9 +250,9 @@ BAD = [  # (path, body, status, param)
     ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "max_tokens": 600}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "stop": ["a", 1]}, 400, "stop.1"),
-    ("/v1/chat/completions", {"model": "gpt-4o", "messages": CHAT}, 400, "model"),
-    ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "temperature": -1}, 400, None),
-    ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "top_p": 0}, 400, None),
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": CHAT}, 404, "model"),
+    ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "top_p": 0}, 400, "top_p"),
     ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "n": 0}, 400, "n"),
     ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "n": 65}, 400, "n"),
     ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
@@ -263,7 +263,7 @@ BAD = [  # (path, body, status, param)
     ("/v1/completions", {"model": NAME, "prompt": LONG}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": [5, 100000]}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": []}, 400, "prompt"),
-    ("/v1/completions", {"model": NAME, "prompt": "hi", "stop": ""}, 400, None),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "stop": ""}, 400, "stop"),
     ("/v1/embeddings", {"model": NAME, "input": "hi"}, 404, None),
 ]
 
@@ -278,7 +278,7 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param):
 
 
 def test_unknown_model_through_the_client(client):
-    with pytest.raises(openai.BadRequestError, match="not served here"):
+    with pytest.raises(openai.NotFoundError, match="not served here"):
         client.chat.completions.create(model="gpt-4o", messages=CHAT)
 
 

@@ -29,8 +29,8 @@ from ..sampling import SamplingParams
 from ..tokenizer import ReasoningSplitter, Tokenizer
 from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
-from .schemas import (UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, choice, sse,
-                      usage)
+from .schemas import (ERRORS, UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest,
+                      choice, sse, usage)
 from .worker import EngineWorker, Job, job_events
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, api_ke
     app.get("/", include_in_schema=False)(server.page)
     app.get("/health")(server.health)
     app.get("/metrics", response_class=PlainTextResponse)(server.metrics)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(server.authorize)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(server.authorize)], responses=ERRORS)
     v1.get("/models")(server.models)
     v1.get("/models/{model_id:path}")(server.model_info)
     v1.post("/chat/completions")(server.chat_completions)
@@ -86,7 +86,8 @@ async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         return APIError(400, f"the body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})",
                         code="invalid_json").response()
     # the field's path, without "body" and the names pydantic gives the branches of a union ("str", "list[str]")
-    param = ".".join(str(p) for p in err["loc"] if p not in ("body", "str", "int") and "[" not in str(p)) or None
+    param = ".".join(str(p) for p in err["loc"] if p not in ("body", "str", "int") and "[" not in str(p)
+                     and not str(p).startswith("constrained-")) or None
     return APIError(400, f"{param or 'the body'}: {err['msg']}", param).response()
 
 
@@ -212,7 +213,7 @@ class Server:
     def jobs_for(self, body: GenerationRequest, prompts: list[list[int]], what: str) -> list[Job]:
         """Check the request against the model and the context; one job per prompt and choice."""
         if body.model != self.model_name:
-            raise APIError(400, f"model {body.model!r} is not served here; this server has {self.model_name!r}",
+            raise APIError(404, f"model {body.model!r} is not served here; this server has {self.model_name!r}",
                            "model", "model_not_found")
         for name, neutral in UNSUPPORTED.items():
             if (body.model_extra or {}).get(name) not in neutral:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +26,24 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body, status_code=self.status)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+    error: ErrorDetail
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "a malformed request, or settings the model cannot honour (the field is named in `param`)"),
+    (401, "a missing or wrong API key (when the server has one)"), (404, "no such model"),
+    (429, "the server's queue is full; retry later"), (500, "the engine failed; see the server log"))}
 
 
 # ---- requests --------------------------------------------------------------------------------------------------
@@ -55,11 +73,11 @@ class GenerationRequest(_Strict):  # the fields both endpoints share
     model: str
     max_tokens: int | None = Field(None, ge=1, description="default: what the context leaves after the prompt")
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
-    temperature: float | None = Field(None, description="default 1; 0 is greedy")
-    top_p: float | None = None
-    top_k: int | None = Field(None, description="extension: sample from the k most likely tokens (0: all)")
+    temperature: float | None = Field(None, ge=0, le=100, description="default 1; 0 is greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="extension: sample from the k most likely tokens (0: all)")
     seed: int | None = Field(None, ge=-2**63, lt=2**63, description="choice i samples with seed + i")
-    stop: str | list[str] | None = None
+    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(1, ge=1, description="choices per prompt")
