@@ -217,9 +217,9 @@ def test_incompatible_checkpoint_and_existing_run(corpus, tmp_path):
 
 
 def test_shipped_recipes_are_valid():
-    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+    for recipe in sorted((ROOT / "nanoseek" / "recipes").glob("*.yaml")):
         if recipe.name.startswith("tasks-"):
             Mixture.from_recipe(recipe)
         elif "stages" not in yaml.safe_load(recipe.read_text()):  # pipelines: tests/test_pipeline.py
             assert load_config(str(recipe), {}).max_steps > 0
-    assert os.path.exists(ROOT / "recipes" / "cpu-demo.yaml")
+    assert os.path.exists(ROOT / "nanoseek" / "recipes" / "cpu-demo.yaml")

@@ -7,8 +7,8 @@ A recipe (YAML, or JSON, which YAML reads too):
       - {family: addition, difficulty: [1, 2], weight: 2}   # an inclusive range of levels
       - {family: countdown, difficulty: 1}                  # one level; weight defaults to 1
 
-`--recipe NAME` without a path finds `recipes/NAME.yaml` in the repository (the package is
-installed editable from it).
+`--recipe NAME` without a path finds the shipped `nanoseek/recipes/NAME.yaml` (package data: an installed wheel has
+them too).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..errors import TaskError
 from .base import Problem
 from .registry import get_family
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 _TOP_KEYS = {"description", "tasks"}
 _ENTRY_KEYS = {"family", "difficulty", "weight"}
 

@@ -6,7 +6,7 @@ recipe and overridden by `--key value` flags one to one.
       .grpo  GRPOSettings       groups, clipping, KL, loss normalisation, rollouts (stage grpo)
       .distill DistillSettings  the teacher and its rejection sampling (stage distill)
 
-Recipes live in `recipes/NAME.yaml` (or any path). A key is a section's field written flat (`group_size: 8`, as
+Recipes live in `nanoseek/recipes/NAME.yaml` (or any path). A key is a section's field written flat (`group_size: 8`, as
 recipes always have been: the stage picks the section where a name is in two) or under its section
 (`grpo: {group_size: 8}`; on the command line `--grpo.group-size 8`). A key no section knows, or a value of the
 wrong type, is an error that names the key and the file before anything runs.
