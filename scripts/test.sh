@@ -2,4 +2,10 @@
 # The test suite: `bash scripts/test.sh [pytest options]`.
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" dev
 cd "$ROOT"
+# the chat page's browser test drives Debian's Chromium; install it where we may (it is skipped, saying why, elsewhere)
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing chromium for the browser test" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || echo "setup: could not install chromium; the browser test will be skipped" >&2
+fi
 exec "$VENV/bin/python" -m pytest -q "$@"
