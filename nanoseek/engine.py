@@ -34,6 +34,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.fx.experimental import _config as fx_config
 
+from .grammar import Grammars
 from .model import Transformer
 from .model.attention import LatentCache, positions_of
 from .sampling import (RowSettings, SamplingError, SamplingParams, TokenLogprob, draw_one, log_probs, probabilities,
@@ -77,6 +78,7 @@ class _Sequence:
         self.hidden: torch.Tensor | None = None  # (2, D): the main model's h_{pos-2}, h_{pos-1} (speculation)
         self.prev = completion.prompt_ids[-1]  # t_{pos-1}, the token before `pending`
         self.cancelled = False
+        self.matcher = None  # with a grammar: follows the tokens and says which may come next
         eos = [] if params.ignore_eos else [tok.eos_id]
         self.stop_ids = set(eos + list(params.stop_token_ids))
 
@@ -101,12 +103,13 @@ def shared_prefix(prompts: list[list[int]]) -> int:
 
 # ---- the fixed-shape steps (compiled with `compile=True`) ---------------------------------------------------------
 def decode_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: list[LatentCache],
-                cache_len: int, rows: RowSettings, u: torch.Tensor
+                cache_len: int, rows: RowSettings, u: torch.Tensor, allowed: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """tokens (B, 1) at positions pos (B,), each row's sampling settings and uniform number u (B,) -> the next
-    token of every row (B,), its reported log-prob (B,), the final hidden state (B, D) and the logits (B, V)."""
+    """tokens (B, 1) at positions pos (B,), each row's sampling settings, uniform number u (B,) and allowed tokens
+    (B, V) or None -> the next token of every row (B,), its reported log-prob (B,), the final hidden state (B, D)
+    and the logits (B, V)."""
     out = model(tokens, cache=cache, start_pos=pos, cache_len=cache_len)
-    token, logprob = sample(out.logits[:, -1], rows, u)
+    token, logprob = sample(out.logits[:, -1], rows, u, allowed)
     return token, logprob, out.hidden[:, -1], out.logits[:, -1]
 
 
@@ -165,6 +168,7 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.ids = itertools.count()
         self.drafted = self.accepted = 0
+        self.grammars: Grammars | None = None  # built with the first request that has a grammar
         self.reused_prompt_tokens = 0  # not computed again: copies of a repeated prompt, a prefix shared at prefill
         self.warmup_seconds = 0.0  # spent compiling (calls that built a new graph)
 
@@ -198,6 +202,11 @@ class Engine:
         if len(prompt_ids) >= self.max_len:
             raise SamplingError(f"prompt: {len(prompt_ids)} tokens, the context holds {self.max_len}")
         seq = _Sequence(Completion(next(self.ids), list(prompt_ids)), params, self.tok)
+        if params.grammar is not None:
+            if not isinstance(self.tok, Tokenizer):
+                raise SamplingError("grammar: needs the engine's tokenizer")
+            self.grammars = self.grammars or Grammars(self.tok, self.model.cfg.vocab_size)
+            seq.matcher = self.grammars.matcher(params.grammar)
         self.waiting.append(seq)
         return seq.c
 
@@ -332,9 +341,15 @@ class Engine:
     def _sample_rows(self, rows: list[_Sequence], logits: torch.Tensor) -> list[Event]:
         """Draw each row's next token from its logits (n, V) with the row's own settings and generator."""
         u = uniforms(rows, self.device)
-        tokens, logprobs = sample(logits, RowSettings.of([s.params for s in rows], self.device), u)
+        tokens, logprobs = sample(logits, RowSettings.of([s.params for s in rows], self.device), u, self._allowed(rows))
         return [e for seq, t, lp, row in zip(rows, tokens.tolist(), logprobs.tolist(), logits)
                 for e in self._record(seq, t, lp, row)]
+
+    def _allowed(self, rows: list[_Sequence]) -> torch.Tensor | None:
+        """The tokens each row's grammar allows next (n, V) bool, or None when no row has a grammar."""
+        if all(s.matcher is None for s in rows):
+            return None
+        return self.grammars.allowed([s.matcher for s in rows]).to(self.device)
 
     def _inputs(self, rows: list[_Sequence], tokens: list[list[int]]):
         """The step's tensors: tokens (n, T), positions (n,), and each row's sampling settings."""
@@ -347,7 +362,7 @@ class Engine:
         u = uniforms(rows, self.device)
         cache_len = max(s.pos for s in rows) + 1
         token, logprob, hidden, logits = self._run(decode_step, self.model, tokens, pos, self._rows(0, len(rows))[0],
-                                                   cache_len, settings, u)
+                                                   cache_len, settings, u, self._allowed(rows))
         events = []
         for seq, h, t, lp, row in zip(rows, hidden, token.tolist(), logprob.tolist(), logits):
             seq.pos += 1
@@ -363,6 +378,8 @@ class Engine:
         entries 0..p-1 and MTP entries (h_i, t_{i+1}) for i <= p-3; the draft call writes entries p-2 and p-1 (p-2
         is new after an accepted draft, else rewritten unchanged), so every model call covers the whole batch."""
         rows = list(self.active)
+        if any(s.matcher is not None for s in rows):  # a grammar's mask is known one token ahead only: no drafts
+            return self._decode()
         main, mtp = self._rows(0, len(rows))
         pending, pos, settings = self._inputs(rows, [[s.prev, s.pending] for s in rows])
         h = torch.stack([s.hidden for s in rows])  # (n, 2, D): h_{p-2}, h_{p-1}
@@ -400,6 +417,8 @@ class Engine:
             return []
         seq.c.token_ids.append(token)
         seq.c.logprobs.append(logprob)
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
         reported = []
         if seq.params.logprobs is not None:
             reported = token_logprobs(logits[None], torch.tensor([token], device=logits.device), seq.params.logprobs)
@@ -408,6 +427,8 @@ class Engine:
             return [self._finish(seq, "stop", token, reported)]
         seq.raw_text += seq.stream.step(token)
         seq.pending = token
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar's text is complete
+            return [self._finish(seq, "stop", token, reported)]
         for stop in seq.params.stop:
             at = seq.raw_text.find(stop, max(0, seq.shown - len(stop)))
             if at >= 0:

@@ -36,6 +36,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # report every generated token's log-prob and this many alternatives (None: none)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    grammar: str | None = None  # only text this grammar accepts (grammar.py: e.g. JSON matching a schema)
 
     def __post_init__(self):
         rules = [("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an int >= 1"),
@@ -133,8 +134,12 @@ def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(draw(probs[None], torch.rand(1, generator=generator, device=probs.device))[0])
 
 
-def sample(logits: torch.Tensor, rows: RowSettings, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, V), uniforms u (B,) -> each row's token (B,) and its reported log-prob (B,)."""
+def sample(logits: torch.Tensor, rows: RowSettings, u: torch.Tensor,
+           allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V), uniforms u (B,), the tokens each row may take (B, V) bool or None (any) -> each row's token
+    (B,) and its reported log-prob (B,)."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     token = draw(probabilities(logits, rows), u)
     return token, log_probs(logits, rows).gather(-1, token[:, None])[:, 0]
 

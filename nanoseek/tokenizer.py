@@ -117,6 +117,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The whole tokenizer as `tokenizers` serialises it (tokenizer.json)."""
+        return self._tok.to_str()
+
     def decode_stream(self, skip_special_tokens: bool = False) -> TokenStream:
         """A decoder to feed one token at a time (one per sequence being generated)."""
         return TokenStream(self._tok, skip_special_tokens)

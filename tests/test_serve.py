@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -106,6 +107,57 @@ def test_streamed_completion_log_probs_and_echo_add_up(client):
     parts = [c.logprobs for c in chunks if c.logprobs is not None]
     for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
         assert [x for p in parts for x in getattr(p, key)] == getattr(whole.logprobs, key)
+
+
+# ---- structured output -------------------------------------------------------------------------------------------
+ANSWER = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 999},
+                                           "steps": {"type": "array", "maxItems": 3,
+                                                     "items": {"type": "string", "pattern": "^[0-9+=]{1,8}$"}},
+                                           "ok": {"type": "boolean"}},
+          "required": ["answer", "ok"], "additionalProperties": False}
+
+
+def valid_answer(text: str) -> bool:
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return (isinstance(d, dict) and set(d) <= {"answer", "steps", "ok"} and {"answer", "ok"} <= set(d)
+            and isinstance(d["answer"], int) and 0 <= d["answer"] <= 999 and isinstance(d["ok"], bool)
+            and all(isinstance(x, str) and re.fullmatch(r"[0-9+=]{1,8}", x) for x in d.get("steps", []))
+            and len(d.get("steps", [])) <= 3)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_json_schema_output_always_parses_and_validates(tok, speculative):
+    """200 sampled replies of a random model under a JSON schema (the MTP module drafting, or not): all valid."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, num_nextn_predict_layers=1)).eval()
+    with running(create_app(model, tok, NAME, max_batch=16, max_queue=200, speculative=speculative)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}}
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda seed: client.chat.completions.create(
+                model=NAME, messages=CHAT, max_tokens=120, temperature=1.0, seed=seed * 50, n=50,
+                response_format=fmt), range(4)))
+        texts = [c.message.content for r in replies for c in r.choices]
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=NAME, messages=CHAT, max_tokens=120, seed=7, response_format=fmt, stream=True) if c.choices)
+        objects = client.completions.create(model=NAME, prompt="1+1=", max_tokens=200, seed=3, n=8,  # vLLM's extension
+                                            extra_body={"response_format": {"type": "json_object"}}).choices
+    assert len(texts) == 200 and all(map(valid_answer, texts)), [t for t in texts if not valid_answer(t)][:3]
+    assert len(set(texts)) > 20  # sampled, not one fixed reply
+    assert valid_answer(streamed)
+    finished = [c.text for c in objects if c.finish_reason == "stop"]  # any object: it may run past max_tokens
+    assert finished and all(isinstance(json.loads(t), dict) for t in finished)
+
+
+def test_unusable_response_formats_are_named(client):
+    for fmt in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+                {"type": "json_schema", "json_schema": {"name": "x"}}, {"type": "yaml"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=NAME, messages=CHAT, response_format=fmt)
+        assert e.value.body["param"].startswith("response_format"), e.value.body
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------------

@@ -225,6 +225,7 @@ class Server:
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         report, prompt_report = body.reported_logprobs()
+        grammar = body.grammar()
         loop, events, jobs = asyncio.get_running_loop(), asyncio.Queue(), []
         context = self.context
         for p, ids in enumerate(prompts):
@@ -246,7 +247,7 @@ class Server:
                     temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
                     seed=None if body.seed is None else body.seed + i, stop=stop, ignore_eos=body.ignore_eos,
-                    logprobs=report, prompt_logprobs=prompt_report)
+                    logprobs=report, prompt_logprobs=prompt_report, grammar=grammar)
                 jobs.append(Job(ids, params, p * n + i, events, loop,
                                 "chat" if isinstance(body, ChatCompletionRequest) else "completions"))
         return jobs

@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import Completion
-from ..sampling import MAX_LOGPROBS
+from ..grammar import json_grammar
+from ..sampling import MAX_LOGPROBS, SamplingError
 from ..tokenizer import split_reasoning
 
 
@@ -69,6 +70,18 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchema(_Strict):
+    name: str
+    schema_: dict | None = Field(None, alias="schema", description="a JSON schema the output must match")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = None
+
+
 class GenerationRequest(_Strict):  # the fields both endpoints share
     model: str
     max_tokens: int | None = Field(None, ge=1, description="default: what the context leaves after the prompt")
@@ -82,6 +95,20 @@ class GenerationRequest(_Strict):  # the fields both endpoints share
     stream_options: StreamOptions | None = None
     n: int | None = Field(1, ge=1, description="choices per prompt")
     ignore_eos: bool = Field(False, description="extension: go on past the end-of-sentence token")
+    response_format: ResponseFormat | None = Field(None, description="json_object: any JSON object; json_schema: "
+                                                   "JSON matching its schema (constrained decoding)")
+
+    def grammar(self) -> str | None:
+        """The grammar the output must follow (grammar.py), or None for free text."""
+        f = self.response_format
+        if f is None or f.type == "text":
+            return None
+        if f.type == "json_schema" and (f.json_schema is None or f.json_schema.schema_ is None):
+            raise APIError(400, "response_format: json_schema needs a `json_schema` with a `schema`", "response_format")
+        try:
+            return json_grammar(f.json_schema.schema_ if f.type == "json_schema" else None)
+        except SamplingError as e:
+            raise APIError(400, f"response_format: {e}", "response_format") from None
 
     def reported_logprobs(self) -> tuple[int | None, int | None]:
         """Alternatives to report with each generated token and each prompt token (None: no log-probs)."""
@@ -112,10 +139,9 @@ class CompletionRequest(GenerationRequest):
 
 
 # Known OpenAI fields this server cannot honour: a request that sets one to anything but these values gets a 400.
-UNSUPPORTED = {"best_of": (None, 1),
-               "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-               "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
-               "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+               "functions": (None, []), "logit_bias": (None, {}), "presence_penalty": (None, 0),
+               "frequency_penalty": (None, 0)}
 
 
 # ---- responses -------------------------------------------------------------------------------------------------
