@@ -20,6 +20,11 @@ compiling are counted in `warmup_seconds`, and where compilation fails the engin
 With `speculative=True` the MTP module drafts one token per step and the main model checks it in the same forward
 (two tokens per row): greedy output is identical to plain greedy, sampled output keeps its distribution
 (`sampling.speculative_accept`), and the acceptance rate is counted.
+
+A request may ask for the model's own log-probs of its generated and prompt tokens with their most likely
+alternatives (`SamplingParams.logprobs`, `prompt_logprobs`), and for text that a grammar accepts
+(`SamplingParams.grammar`, grammar.py): the step then takes a mask of the allowed tokens, and a batch holding such
+a request decodes without drafts (the mask is known one token ahead only).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """The generation engine: continuous batching on the latent cache, sampling, stops, MTP speculation."""
 
+import json
+
 import pytest
 import torch
 
@@ -286,3 +288,23 @@ def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(model, tok, monk
         got = engine.generate(PROMPTS[:2], params)
     assert not engine.compile
     assert [c.token_ids for c in got] == [reference_greedy(model, p, 6) for p in PROMPTS[:2]]
+
+
+def test_a_grammar_holds_greedy_and_sampled_rows_to_it_in_one_batch(model, tok):
+    """Rows with a JSON grammar and rows without share a batch (speculative engine included): the first always end
+    in text the grammar accepts, the others decode as they would alone."""
+    from nanoseek.grammar import json_grammar
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    free = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    alone = Engine(model, tok, max_batch=1, max_len=64).generate([PROMPTS[1]], free)[0].token_ids
+    for speculative in (False, True):
+        engine = Engine(model, tok, max_batch=4, max_len=64, speculative=speculative)
+        params = [SamplingParams(max_new_tokens=20, temperature=t, seed=s, grammar=json_grammar(schema))
+                  for t, s in ((0.0, 0), (1.0, 1), (1.0, 2))] + [free]
+        done = engine.generate([PROMPTS[0]] * 3 + [PROMPTS[1]], params)
+        for c in done[:3]:
+            assert c.finish_reason == "stop" and set(json.loads(c.text)) == {"n"}, c.text
+        assert done[3].token_ids == alone
+    with pytest.raises(SamplingError, match="grammar"):
+        Engine(model, IdsOnly(), max_len=64).submit(PROMPTS[0], SamplingParams(grammar=json_grammar(schema)))
