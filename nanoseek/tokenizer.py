@@ -47,17 +47,42 @@ _SPLITS = ("[一-龥\u3040-ゟ゠-ヿ]+",
            r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
            r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _RESERVED_RE = re.compile("|".join(map(re.escape, RESERVED)))
+# DeepSeek-V3's tool-call format (special tokens in its vocabulary; plain text in ours):
+#   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```<｜tool▁call▁end｜>
+#   (\n<｜tool▁call▁begin｜>... for more) <｜tool▁calls▁end｜>, and the results back as
+#   <｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜> (\n<｜tool▁output▁begin｜>...) <｜tool▁outputs▁end｜>
+CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+CALL_BEGIN, CALL_SEP, CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+OUTPUTS_BEGIN, OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+OUTPUT_BEGIN, OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOLS_HEADER = "## Tools\n\nYou can call these functions (one or more, in the tool-call format):\n"
+_CALL_RE = re.compile(re.escape(CALL_BEGIN) + r"(\w+)" + re.escape(CALL_SEP) + r"(.*?)\n```json\n(.*?)\n```"
+                      + re.escape(CALL_END), re.DOTALL)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{{ messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | join('\\n\\n') }}"
+    "{% set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | join('\\n\\n') %}"
+    "{{ system }}"
+    "{% if tools %}{{ ('\\n\\n' if system else '') + '" + TOOLS_HEADER.replace("\n", "\\n") + "' }}"
+    "{% for tool in tools %}{{ '\\n```json\\n' + (tool['function'] | tojson) + '\\n```' }}{% endfor %}{% endif %}"
+    "{% set ns = namespace(is_tool=false) %}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
+    "{% if message['role'] == 'user' %}{% set ns.is_tool = false %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '" + OUTPUTS_END + "' if ns.is_tool else '<｜Assistant｜>' }}{% set ns.is_tool = false %}"
+    "{{ message['content'] or '' }}"
+    "{% if message['tool_calls'] %}{{ '" + CALLS_BEGIN + "' }}"
+    "{% for call in message['tool_calls'] %}{{ ('\\n' if not loop.first else '') + '" + CALL_BEGIN + "function"
+    + CALL_SEP + "' + call['function']['name'] + '\\n```json\\n' + call['function']['arguments'] + '\\n```"
+    + CALL_END + "' }}{% endfor %}{{ '" + CALLS_END + "' }}{% endif %}"
+    "{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ ('\\n' if ns.is_tool else '" + OUTPUTS_BEGIN + "') + '" + OUTPUT_BEGIN + "' + message['content'] + '"
+    + OUTPUT_END + "' }}{% set ns.is_tool = true %}"
     "{% elif message['role'] != 'system' %}{{ raise_exception('unknown role ' + message['role']) }}"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{% if ns.is_tool %}{{ '" + OUTPUTS_END + "' }}{% elif add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
 )
 
 
@@ -125,23 +150,36 @@ class Tokenizer:
         """A decoder to feed one token at a time (one per sequence being generated)."""
         return TokenStream(self._tok, skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
-                            tokenize: bool = True) -> list[int] | str:
-        """CHAT_TEMPLATE rendered in Python: the ids (or with tokenize=False the text) transformers gives."""
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
+                            tokenize: bool = True, tools: Sequence[Mapping] | None = None) -> list[int] | str:
+        """CHAT_TEMPLATE rendered in Python: the ids (or with tokenize=False the text) transformers gives. `tools`
+        ({"type": "function", "function": {name, description, parameters}}) are described after the system prompt;
+        an assistant message may carry `tool_calls` ({"function": {name, arguments (a JSON string)}}), and `tool`
+        messages bring their results back."""
         for token in (USER, ASSISTANT):  # a vocabulary without the turn tokens cannot hold this format
             self.token_id(token)
-        for i, m in enumerate(messages):
-            if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise TokenizerError(f"chat message {i}: needs a string `role` and a string `content`, got {m!r}")
-            if m["role"] not in ("system", "user", "assistant"):
-                raise TokenizerError(f"chat message {i}: unknown role {m['role']!r} (system, user or assistant)")
-        parts = [self.bos_token, "\n\n".join(m["content"] for m in messages if m["role"] == "system")]
+        _check_messages(messages)
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        parts, is_tool = [self.bos_token, system], False
+        if tools:
+            parts.append(("\n\n" if system else "") + TOOLS_HEADER + "".join(
+                f"\n```json\n{json.dumps(t['function'], ensure_ascii=False)}\n```" for t in tools))
         for m in messages:
             if m["role"] == "user":
                 parts.append(USER + m["content"])
+                is_tool = False
             elif m["role"] == "assistant":
-                parts.append(ASSISTANT + m["content"] + self.eos_token)
-        if add_generation_prompt:
+                calls = m.get("tool_calls") or []
+                parts.append((OUTPUTS_END if is_tool else ASSISTANT) + (m.get("content") or "")
+                             + (CALLS_BEGIN + "\n".join(_render_call(c) for c in calls) + CALLS_END if calls else "")
+                             + self.eos_token)
+                is_tool = False
+            elif m["role"] == "tool":
+                parts.append(("\n" if is_tool else OUTPUTS_BEGIN) + OUTPUT_BEGIN + m["content"] + OUTPUT_END)
+                is_tool = True
+        if is_tool:
+            parts.append(OUTPUTS_END)
+        elif add_generation_prompt:
             parts.append(ASSISTANT)
         text = "".join(parts)
         return self.encode(text) if tokenize else text
@@ -227,6 +265,36 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool =
     for added in spec["added_tokens"]:
         added["special"] = added["content"] not in TAGS
     return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+
+
+def _check_messages(messages: Sequence[Mapping]) -> None:
+    for i, m in enumerate(messages):
+        if not (isinstance(m, Mapping) and isinstance(m.get("role"), str)):
+            raise TokenizerError(f"chat message {i}: needs a string `role`, got {m!r}")
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise TokenizerError(f"chat message {i}: unknown role {m['role']!r} (system, user, assistant or tool)")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if not (isinstance(m.get("content"), str) or calls and m.get("content") is None):
+            raise TokenizerError(f"chat message {i}: needs a string `content` (or, from the assistant, tool_calls)")
+        for call in calls or []:
+            f = call.get("function") if isinstance(call, Mapping) else None
+            if not (isinstance(f, Mapping) and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), str)):
+                raise TokenizerError(f"chat message {i}: a tool call needs function.name and function.arguments "
+                                     f"(a JSON string), got {call!r}")
+
+
+def _render_call(call: Mapping) -> str:
+    f = call["function"]
+    return f"{CALL_BEGIN}function{CALL_SEP}{f['name']}\n```json\n{f['arguments']}\n```{CALL_END}"
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """A reply in the tool-call format -> (the text before the calls, [(name, arguments), ...]); a reply without
+    calls -> (text, [])."""
+    start = text.find(CALLS_BEGIN)
+    if start < 0:
+        return text, []
+    return text[:start], [(name, arguments) for _, name, arguments in _CALL_RE.findall(text[start:])]
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:

@@ -5,7 +5,8 @@ import pytest
 import tokenizers
 
 from nanoseek.cli import main
-from nanoseek.tokenizer import BOS, EOS, PAD, RESERVED, TAGS, Tokenizer, TokenizerError, train_tokenizer
+from nanoseek.tokenizer import (BOS, CALL_BEGIN, CALL_END, CALL_SEP, CALLS_BEGIN, CALLS_END, EOS, PAD, RESERVED, TAGS,
+                                Tokenizer, TokenizerError, parse_tool_calls, train_tokenizer)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. 12 + 345 = 357, 1000000 / 8 = 125000.",
@@ -81,6 +82,40 @@ def test_chat_template_agrees_with_transformers(tok, hf, messages, add_generatio
         messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
 
 
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "a + b, exactly", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}},
+         {"type": "function", "function": {"name": "now", "description": "the time, ünïcode", "parameters": {}}}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 12, "b": 30}'}}
+TOOL_CONVERSATIONS = [
+    [{"role": "user", "content": "What is 12+30?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12+30?"},
+     {"role": "assistant", "content": None, "tool_calls": [CALL]},
+     {"role": "tool", "tool_call_id": "call_1", "content": "42"}],
+    [{"role": "user", "content": "12+30 and the time?"},
+     {"role": "assistant", "content": "<think>two calls</think>", "tool_calls": [CALL, {**CALL, "function": {
+         "name": "now", "arguments": "{}"}}]},
+     {"role": "tool", "content": "42"}, {"role": "tool", "content": "noon"},
+     {"role": "assistant", "content": "42, at noon."}, {"role": "user", "content": "thanks"}],
+]
+
+
+@pytest.mark.parametrize("messages", TOOL_CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_tools_and_tool_calls_render_as_transformers_renders_them(tok, hf, messages, add_generation_prompt):
+    text = tok.apply_chat_template(messages, add_generation_prompt, tokenize=False, tools=TOOLS)
+    assert text == hf.apply_chat_template(messages, tools=TOOLS, tokenize=False,
+                                          add_generation_prompt=add_generation_prompt)
+    assert text.count("```json") == len(TOOLS) + sum(len(m.get("tool_calls") or []) for m in messages)
+
+
+def test_tool_calls_parse_back():
+    calls = [("add", '{"a": 12, "b": 30}'), ("now", "{}")]
+    text = "Let me add." + CALLS_BEGIN + "\n".join(
+        f"{CALL_BEGIN}function{CALL_SEP}{n}\n```json\n{a}\n```{CALL_END}" for n, a in calls) + CALLS_END
+    assert parse_tool_calls(text) == ("Let me add.", calls)
+    assert parse_tool_calls("no calls") == ("no calls", [])
+
+
 def test_chat_format(tok):
     messages = CONVERSATIONS[1][:3]
     assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
@@ -90,7 +125,7 @@ def test_chat_format(tok):
     assert tok.apply_chat_template(messages)[:len(prompt)] == prompt
 
 
-@pytest.mark.parametrize("messages", [[{"role": "tool", "content": "x"}], [{"role": "user"}],
+@pytest.mark.parametrize("messages", [[{"role": "robot", "content": "x"}], [{"role": "user"}],
                                       [{"role": "user", "content": None}], ["hello"]])
 def test_bad_chat_messages(tok, messages):
     with pytest.raises(TokenizerError, match="chat message 0"):
