@@ -297,6 +297,23 @@ def parse_tool_calls(text: str) -> tuple[str, list[tuple[str, str]]]:
     return text[:start], [(name, arguments) for _, name, arguments in _CALL_RE.findall(text[start:])]
 
 
+class ToolCallStream:
+    """`parse_tool_calls` for a stream: text passes until the calls begin (a possible start of their marker held
+    back); the calls come out, parsed, with the final piece."""
+
+    def __init__(self):
+        self.buffer, self.calling = "", False
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[tuple[str, str]]]:
+        self.buffer += text
+        out = ""
+        if not self.calling:
+            at = self.buffer.find(CALLS_BEGIN)
+            cut = at if at >= 0 else len(self.buffer) - (0 if final else _tag_start(self.buffer, CALLS_BEGIN))
+            out, self.buffer, self.calling = self.buffer[:cut], self.buffer[cut:], at >= 0
+        return out, parse_tool_calls(self.buffer)[1] if final and self.calling else []
+
+
 def split_reasoning(text: str) -> tuple[str | None, str]:
     """A completion -> (reasoning, content) as DeepSeek's API returns them: the text inside the first
     `<think>...</think>` (None if there is none) and the rest, stripped. An unclosed `<think>` is all reasoning."""

@@ -70,3 +70,27 @@ def crash_after(monkeypatch, step: int) -> None:
         return original(self)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def memorised(tok, turns: list[tuple[list[int], str]], steps: int = 300, **config):
+    """A tiny model (no MTP) trained until its greedy reply to each prompt (ids) is the given text: a model that
+    does something known (reasons, calls a tool) for tests of what sits around it."""
+    from nanoseek import ModelConfig, Transformer
+    from nanoseek.engine import Engine
+    from nanoseek.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, num_nextn_predict_layers=0,
+                                                **config))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows = [(prompt, torch.tensor([prompt + tok.encode(reply) + [tok.eos_id]])) for prompt, reply in turns]
+    for _ in range(steps):
+        loss = sum(torch.nn.functional.cross_entropy(model(ids).logits[0, len(prompt) - 1:-1], ids[0, len(prompt):])
+                   for prompt, ids in rows)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    got = Engine(model, tok).generate([p for p, _ in turns], SamplingParams(max_new_tokens=200))
+    assert [c.text for c in got] == [reply for _, reply in turns], "the model did not learn its replies"
+    return model

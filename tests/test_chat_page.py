@@ -4,13 +4,11 @@ page streams back the model's reasoning apart from its answer, with the token co
 import shutil
 
 import pytest
-import torch
 from playwright.sync_api import sync_playwright
 
-from nanoseek import ModelConfig, Transformer
-from nanoseek.engine import Engine
-from nanoseek.sampling import SamplingParams
 from nanoseek.serve import create_app, running
+
+from .conftest import memorised
 
 QUESTION = "What is 1+1?"
 REPLY = "<think>1+1 is 2</think>The answer is 2."
@@ -19,26 +17,10 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
         "--disable-component-update", "--disable-sync"]  # no connections beyond 127.0.0.1
 
 
-def memorised(tok) -> Transformer:
-    """A tiny model trained until its greedy reply to QUESTION is REPLY: something to show with reasoning in it."""
-    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
-    ids = torch.tensor([prompt + tok.encode(REPLY) + [tok.eos_id]])
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, num_nextn_predict_layers=0))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = torch.nn.functional.cross_entropy(model(ids).logits[0, len(prompt) - 1:-1], ids[0, len(prompt):])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    assert Engine(model, tok).generate([prompt], SamplingParams(max_new_tokens=40))[0].text == REPLY
-    return model
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (scripts/test.sh installs Debian's where it can)")
 def test_the_page_streams_reasoning_apart_from_the_answer_with_token_counts(tok, tmp_path):
-    with running(create_app(memorised(tok), tok, "tiny-chat")) as url, sync_playwright() as p:
+    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    with running(create_app(memorised(tok, [(prompt, REPLY)], 150), tok, "tiny-chat")) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         page = browser.new_page(viewport={"width": 900, "height": 700})
         errors = []

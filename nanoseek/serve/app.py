@@ -26,11 +26,11 @@ from ..engine import Completion, Engine
 from ..errors import NanoseekError
 from ..model import Transformer
 from ..sampling import SamplingParams
-from ..tokenizer import ReasoningSplitter, Tokenizer
+from ..tokenizer import ReasoningSplitter, Tokenizer, ToolCallStream
 from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
 from .schemas import (ERRORS, UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest,
-                      choice, sse, usage)
+                      choice, sse, tool_call, usage)
 from .worker import EngineWorker, Job, job_events
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,8 @@ class Server:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         """A reply to the messages (DeepSeek-R1's chat template); reasoning in `reasoning_content`."""
-        prompt = self.tokenizer.apply_chat_template([m.as_dict() for m in body.messages], add_generation_prompt=True)
+        prompt = self.tokenizer.apply_chat_template([m.as_dict() for m in body.messages], add_generation_prompt=True,
+                                                    tools=body.offered_tools())
         return await self.respond(body, [prompt], "messages", request, chat=True)
 
     async def completions(self, body: CompletionRequest, request: Request):
@@ -201,7 +202,8 @@ class Server:
         """A finished choice, with its log-probs and (completions with echo) its prompt, as the request asked."""
         report, prompt_report = body.reported_logprobs()
         if isinstance(body, ChatCompletionRequest):
-            return choice(index, c, True, None if report is None else chat_logprobs(c.token_logprobs, self.text_of))
+            return choice(index, c, True, None if report is None else chat_logprobs(c.token_logprobs, self.text_of),
+                          tools=body.offered_tools() is not None)
         echo = self.tokenizer.decode(c.prompt_ids) if body.echo else ""
         if report is None:
             return choice(index, c, False, None, echo)
@@ -282,7 +284,7 @@ class Server:
                     if event.finished:
                         completion_tokens += len(event.completion.token_ids)
                         chunks.append(chunk(index, {"delta": {}} if chat else {"text": ""}, None,
-                                            event.completion.finish_reason))
+                                            "tool_calls" if deltas[index].called else event.completion.finish_reason))
                 if chunks:
                     yield "".join(chunks)
             if include_usage:
@@ -303,14 +305,22 @@ class StreamDeltas:
         self.report, self.prompt_report = body.reported_logprobs()
         self.echo = not self.chat and bool(body.echo)
         self.splitter = ReasoningSplitter()
+        self.calls = ToolCallStream() if self.chat and body.offered_tools() is not None else None
+        self.called = False  # tool calls went out: the choice finishes with "tool_calls"
         self.started, self.offset = False, 0  # the prompt sent (echo); where the next token's text starts
 
     def of(self, event) -> list[tuple[dict, dict | None]]:
         c, text_of = event.completion, self.server.text_of
         if self.chat:
             reasoning, content = self.splitter.feed(event.new_text, final=event.finished)
+            calls = []
+            if self.calls is not None:
+                content, calls = self.calls.feed(content, final=event.finished)
             delta = {k: v for k, v in (("reasoning_content", reasoning), ("reasoning", reasoning),
                                        ("content", content)) if v}
+            if calls:
+                delta["tool_calls"] = [tool_call(name, arguments, i) for i, (name, arguments) in enumerate(calls)]
+                self.called = True
             logprobs = chat_logprobs(event.logprobs, text_of) if self.report is not None and event.logprobs else None
             return [({"delta": delta}, logprobs)] if delta or logprobs else []
         out = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine import Completion
 from ..grammar import json_grammar
 from ..sampling import MAX_LOGPROBS, SamplingError
-from ..tokenizer import split_reasoning
+from ..tokenizer import parse_tool_calls, split_reasoning
 
 
 class APIError(Exception):
@@ -57,13 +58,40 @@ class TextPart(_Strict):
     text: str
 
 
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: str | list[TextPart]
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(description="a JSON object, as a string")
 
-    def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer name for system
+    content: str | list[TextPart] | None = None  # None: an assistant message that only calls tools
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def as_dict(self) -> dict:
+        text = self.content if isinstance(self.content, str | None) else "\n".join(p.text for p in self.content)
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return message
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^\w+$")
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON schema of the arguments")
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class StreamOptions(_Strict):
@@ -120,6 +148,15 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool | None = Field(False, description="the model's log-prob of each output token")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                      description="with logprobs: this many most likely tokens at each place")
+    tools: list[Tool] | None = Field(None, description="functions the model may call (DeepSeek-V3's tool format)")
+    tool_choice: Literal["none", "auto"] | None = Field(None, description="auto (the default with tools): the "
+                                                        "model decides; none: the tools are not offered")
+
+    def offered_tools(self) -> list[dict] | None:
+        """The tools to describe in the prompt (None: none, or tool_choice none)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def reported_logprobs(self) -> tuple[int | None, int | None]:
         if self.top_logprobs and not self.logprobs:
@@ -139,9 +176,8 @@ class CompletionRequest(GenerationRequest):
 
 
 # Known OpenAI fields this server cannot honour: a request that sets one to anything but these values gets a 400.
-UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
-               "functions": (None, []), "logit_bias": (None, {}), "presence_penalty": (None, 0),
-               "frequency_penalty": (None, 0)}
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "functions": (None, []), "logit_bias": (None, {}),
+               "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
 
 
 # ---- responses -------------------------------------------------------------------------------------------------
@@ -155,15 +191,31 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def choice(index: int, c: Completion, chat: bool, logprobs: dict | None = None, echo: str = "") -> dict:
-    """A finished choice of a non-streaming response (chat: a message, the `<think>` part in reasoning_content;
-    completions: the text, after the prompt's `echo`)."""
+def choice(index: int, c: Completion, chat: bool, logprobs: dict | None = None, echo: str = "",
+           tools: bool = False) -> dict:
+    """A finished choice of a non-streaming response (chat: a message, the `<think>` part in reasoning_content,
+    with `tools` the calls in tool_calls; completions: the text, after the prompt's `echo`)."""
+    finish_reason = c.finish_reason
     if chat:
         reasoning, content = split_reasoning(c.text)
-        message = {"role": "assistant", "content": content}
+        calls = []
+        if tools:
+            content, calls = parse_tool_calls(content)
+            content = content.strip()
+        message = {"role": "assistant", "content": content if content or not calls else None}
         if reasoning is not None:  # DeepSeek's name, and vLLM's newer one
             message["reasoning_content"] = message["reasoning"] = reasoning
+        if calls:
+            message["tool_calls"] = [tool_call(name, arguments) for name, arguments in calls]
+            finish_reason = "tool_calls"
         fields = {"message": message}
     else:
         fields = {"text": echo + c.text}
-    return {"index": index, **fields, "logprobs": logprobs, "finish_reason": c.finish_reason}
+    return {"index": index, **fields, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def tool_call(name: str, arguments: str, index: int | None = None) -> dict:
+    """A call in OpenAI's shape (with `index`: as a stream delta carries it)."""
+    call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name,
+                                                                                   "arguments": arguments}}
+    return call if index is None else {"index": index, **call}
