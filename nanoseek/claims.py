@@ -396,7 +396,8 @@ _MEASURED = {  # how each of our measurements reads beside a claim
     "fp8_relative_loss": "{value:+.2%} relative loss, FP8 vs fp32 ({source})",
     "mtp_acceptance": "{value:.1%} of drafts accepted ({source})",
     "mtp_speedup": "{value:.2f}x tokens/s with MTP ({source})",
-    "maxvio": "{stage}: MaxVio {first:.2f} over the first {n} of {steps} steps, {last:.2f} over the last {n} ({source})",
+    "maxvio": ("{stage}: MaxVio {first:.2f} over the first {n} of {steps} steps, {last:.2f} over the last {n} "
+               "({source})"),
 }
 
 

@@ -9,12 +9,14 @@ reads the `tokenizers` vocabulary as it is and computes a mask in tens of micros
 
 from __future__ import annotations
 
+import json
+
 import llguidance
 import llguidance.torch as llguidance_torch
 import torch
 
 from .sampling import SamplingError
-from .tokenizer import Tokenizer
+from .tokenizer import CALL_BEGIN, CALL_END, CALL_SEP, CALLS_BEGIN, CALLS_END, Tokenizer
 
 COMPACT = {"whitespace_flexible": False}  # JSON without free whitespace: no room to wander between tokens
 
@@ -25,9 +27,31 @@ def json_grammar(schema: dict | None = None) -> str:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema or {"type": "object"}, defaults=COMPACT)
     except ValueError as e:
         raise SamplingError(f"the JSON schema is not usable: {e}") from None
+    return _checked(grammar, "the JSON schema is not usable")
+
+
+def tool_call_grammar(functions: list[dict], name: str | None = None, several: bool = True) -> str:
+    """The grammar of a reply that calls tools in DeepSeek-V3's format (tokenizer.py): calls to any of `functions`
+    ({name, parameters}; one or, if `several`, more), or exactly one to `name`; each call's arguments match its
+    parameters schema."""
+    chosen = [f for f in functions if name is None or f["name"] == name]
+    if not chosen:
+        raise SamplingError(f"no function named {name!r} among the tools")
+    rules = [f'call: "{CALL_BEGIN}function{CALL_SEP}" (' + " | ".join(f"call_{i}" for i in range(len(chosen))) + ")"]
+    for i, f in enumerate(chosen):  # names are \w+ (schemas.FunctionDefinition): safe inside a lark string
+        schema = {**(f.get("parameters") or {"type": "object"}), "x-guidance": COMPACT}
+        rules += [f'call_{i}: "{f["name"]}\\n```json\\n" args_{i} "\\n```{CALL_END}"',
+                  f"args_{i}: %json {json.dumps(schema)}"]
+    more = ' ("\\n" call)*' if several and name is None else ""
+    lark = "\n".join([f'start: "{CALLS_BEGIN}" call{more} "{CALLS_END}"', *rules])
+    return _checked(llguidance.LLMatcher.grammar_from_lark(lark), "the tools' parameters are not usable")
+
+
+def _checked(grammar: str, problem: str) -> str:
+    """The grammar, if llguidance accepts it; else a SamplingError: `problem`: its reason."""
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error and not error.startswith("WARNING"):
-        raise SamplingError(f"the JSON schema is not usable: {error}")
+        raise SamplingError(f"{problem}: {error}")
     return grammar
 
 

@@ -1,7 +1,7 @@
 """Multi-stage runs: the end-to-end demo, R1-Zero and R1 are recipes of stages run by this one runner.
 
-A pipeline recipe (`nanoseek/recipes/demo.yaml`, `r1-zero.yaml`, `r1.yaml`) names the task mixture, the evaluation set and
-a list of training stages. Each stage is a TrainConfig (its keys, optionally on top of a training recipe); `init`
+A pipeline recipe (`nanoseek/recipes/demo.yaml`, `r1-zero.yaml`, `r1.yaml`) names the task mixture, the evaluation
+set and a list of training stages. Each stage is a TrainConfig (its keys, optionally on top of a training recipe); `init`
 and `teacher` may name an earlier stage, meaning that stage's model. The runner builds the data and the tokenizer
 once, runs the stages in order, evaluates each stage's model on the same held-out problems, exports one model and
 writes the report:

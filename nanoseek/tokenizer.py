@@ -50,7 +50,8 @@ _RESERVED_RE = re.compile("|".join(map(re.escape, RESERVED)))
 # DeepSeek-V3's tool-call format (special tokens in its vocabulary; plain text in ours):
 #   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```<｜tool▁call▁end｜>
 #   (\n<｜tool▁call▁begin｜>... for more) <｜tool▁calls▁end｜>, and the results back as
-#   <｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜> (\n<｜tool▁output▁begin｜>...) <｜tool▁outputs▁end｜>
+#   <｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜> (\n<｜tool▁output▁begin｜>...)
+#   <｜tool▁outputs▁end｜>
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_SEP, CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
 OUTPUTS_BEGIN, OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"

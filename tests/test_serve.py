@@ -314,6 +314,8 @@ BAD = [  # (path, body, status, param)
     ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "tools": [{"type": "function"}]}, 400,
      "tools.0.function"),
     ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
     ("/v1/completions", {"model": NAME, "prompt": LONG}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": [5, 100000]}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": []}, 400, "prompt"),

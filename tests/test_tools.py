@@ -62,3 +62,41 @@ def test_streamed_tool_calls_and_tool_choice_none(client):
     plain = client.chat.completions.create(model="tiny-tools", messages=QUESTION, tools=TOOLS, tool_choice="none",
                                            temperature=0, max_tokens=20)
     assert plain.choices[0].message.tool_calls is None  # the tools were not offered: no call parsed
+
+
+def test_a_required_or_named_call_is_always_a_valid_call(tok):
+    """tool_choice required / named constrains decoding to the call format: even a random model then calls a
+    given tool with arguments that match its parameters, every time."""
+    import torch
+
+    from nanoseek import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size,
+                                                max_position_embeddings=1024)).eval()
+    small = {"type": "integer", "minimum": 0, "maximum": 99}  # a random model's numbers must end somewhere
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": small, "b": small}, "required": ["a", "b"],
+        "additionalProperties": False}}},
+             {"type": "function", "function": {"name": "now", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["utc", "local"]}}, "required": ["zone"],
+        "additionalProperties": False}}}]
+    with running(create_app(model, tok, "random")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        required = client.chat.completions.create(model="random", messages=QUESTION, tools=tools, n=20, seed=1,
+                                                  tool_choice="required", parallel_tool_calls=False, max_tokens=300,
+                                                  temperature=1.0).choices
+        named = client.chat.completions.create(model="random", messages=QUESTION, tools=tools, n=10, seed=2,
+                                               tool_choice={"type": "function", "function": {"name": "now"}},
+                                               max_tokens=300, temperature=1.0).choices
+    for choice in required + named:
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+        for call in choice.message.tool_calls:
+            args = json.loads(call.function.arguments)
+            if call.function.name == "add":
+                assert isinstance(args["a"], int) and isinstance(args["b"], int)
+            else:
+                assert call.function.name == "now" and args in ({"zone": "utc"}, {"zone": "local"})
+    assert all(len(c.message.tool_calls) == 1 for c in required + named)
+    assert all(c.message.tool_calls[0].function.name == "now" for c in named)
+    assert {c.message.tool_calls[0].function.name for c in required} == {"add", "now"}  # sampled, either

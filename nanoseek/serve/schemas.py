@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import Completion
-from ..grammar import json_grammar
+from ..grammar import json_grammar, tool_call_grammar
 from ..sampling import MAX_LOGPROBS, SamplingError
 from ..tokenizer import parse_tool_calls, split_reasoning
 
@@ -94,6 +94,15 @@ class Tool(_Strict):
     function: FunctionDefinition
 
 
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -149,14 +158,32 @@ class ChatCompletionRequest(GenerationRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                      description="with logprobs: this many most likely tokens at each place")
     tools: list[Tool] | None = Field(None, description="functions the model may call (DeepSeek-V3's tool format)")
-    tool_choice: Literal["none", "auto"] | None = Field(None, description="auto (the default with tools): the "
-                                                        "model decides; none: the tools are not offered")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="auto (the default with tools): the model decides; none: the tools are not offered; "
+        "required, or a named function: the reply is a call (constrained decoding)")
+
+    parallel_tool_calls: bool | None = Field(None, description="false: a required call is a single one")
 
     def offered_tools(self) -> list[dict] | None:
         """The tools to describe in the prompt (None: none, or tool_choice none)."""
         if not self.tools or self.tool_choice == "none":
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def grammar(self) -> str | None:
+        """With tool_choice required or a named function: the grammar of a call; else as for any request."""
+        named = isinstance(self.tool_choice, NamedToolChoice)
+        if not (named or self.tool_choice == "required"):
+            return super().grammar()
+        if not self.tools or super().grammar() is not None:
+            raise APIError(400, "tool_choice: a required call needs `tools` and no JSON response_format",
+                           "tool_choice")
+        try:
+            return tool_call_grammar([t["function"] for t in self.offered_tools()],
+                                     self.tool_choice.function.name if named else None,
+                                     several=self.parallel_tool_calls is not False)
+        except SamplingError as e:
+            raise APIError(400, f"tool_choice: {e}", "tool_choice") from None
 
     def reported_logprobs(self) -> tuple[int | None, int | None]:
         if self.top_logprobs and not self.logprobs:

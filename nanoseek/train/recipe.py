@@ -80,7 +80,8 @@ class DistillSettings:
     max_new_tokens: int = 128
 
     def rules(self) -> list[Rule]:
-        return [("teacher", self.teacher is not None, "is set for distillation"), ("samples", self.samples >= 1, ">= 1"),
+        return [("teacher", self.teacher is not None, "is set for distillation"),
+                ("samples", self.samples >= 1, ">= 1"),
                 ("temperature", self.temperature > 0, "> 0"), ("max_new_tokens", self.max_new_tokens >= 1, ">= 1")]
 
 
