@@ -24,7 +24,7 @@ With `speculative=True` the MTP module drafts one token per step and the main mo
 A request may ask for the model's own log-probs of its generated and prompt tokens with their most likely
 alternatives (`SamplingParams.logprobs`, `prompt_logprobs`), and for text that a grammar accepts
 (`SamplingParams.grammar`, grammar.py): the step then takes a mask of the allowed tokens, and a batch holding such
-a request decodes without drafts (the mask is known one token ahead only).
+a request has its drafts checked against the grammar too (the mask after each draft is computed ahead).
 """
 
 from __future__ import annotations
@@ -119,21 +119,29 @@ def decode_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cac
 
 
 def verify_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: list[LatentCache],
-                cache_len: int, rows: RowSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Speculation's check: tokens (B, 2) = [t_p, draft] at [p, p + 1] -> the main model's sampling distributions
-    (B, 2, V) and reported log-probs (B, 2, V) after each, its hidden states (B, 2, D) and logits (B, 2, V)."""
+                cache_len: int, rows: RowSettings, allowed: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speculation's check: tokens (B, 2) = [t_p, draft] at [p, p + 1] and the tokens allowed after each (B, 2, V) or
+    None -> the main model's sampling distributions (B, 2, V) and reported log-probs (B, 2, V) after each, its hidden
+    states (B, 2, D) and logits (B, 2, V)."""
     out = model(tokens, cache=cache, start_pos=pos, cache_len=cache_len)
     twice = rows.repeat_interleave(2)
     logits = out.logits.flatten(0, 1)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.flatten(0, 1), float("-inf"))
     return (probabilities(logits, twice).view_as(out.logits), log_probs(logits, twice).view_as(out.logits),
             out.hidden, out.logits)
 
 
 def draft_step(model: Transformer, h: torch.Tensor, next_ids: torch.Tensor, pos: torch.Tensor,
-               cache: list[LatentCache], cache_len: int, rows: RowSettings) -> torch.Tensor:
-    """Speculation's draft: h (B, 2, D) = h_{p-2}, h_{p-1}, next_ids (B, 2) = t_{p-1}, t_p -> the distributions
-    (B, V) the draft for t_{p+1} is drawn from."""
-    return probabilities(mtp_logits(model, h, next_ids, cache, pos - 2, cache_len)[:, -1], rows)
+               cache: list[LatentCache], cache_len: int, rows: RowSettings,
+               allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Speculation's draft: h (B, 2, D) = h_{p-2}, h_{p-1}, next_ids (B, 2) = t_{p-1}, t_p, the tokens allowed next
+    (B, V) or None -> the distributions (B, V) the draft for t_{p+1} is drawn from."""
+    logits = mtp_logits(model, h, next_ids, cache, pos - 2, cache_len)[:, -1]
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return probabilities(logits, rows)
 
 
 def mtp_logits(model: Transformer, h: torch.Tensor, next_ids: torch.Tensor, cache: list[LatentCache],
@@ -356,6 +364,18 @@ class Engine:
             return None
         return self.grammars.allowed([s.matcher for s in rows]).to(self.device)
 
+    def _allowed_after(self, rows: list[_Sequence], drafts: list[int]) -> torch.Tensor:
+        """The tokens each row's grammar would allow after its draft (n, V), the matchers left as they were (a row
+        whose grammar ends with its draft may take any: it stops there)."""
+        for s, d in zip(rows, drafts):
+            if s.matcher is not None:
+                s.matcher.consume_token(d)
+        allowed = self._allowed(rows)
+        for s in rows:
+            if s.matcher is not None:
+                s.matcher.rollback(1)
+        return allowed | ~allowed.any(-1, keepdim=True)
+
     def _inputs(self, rows: list[_Sequence], tokens: list[list[int]]):
         """The step's tensors: tokens (n, T), positions (n,), and each row's sampling settings."""
         return (torch.tensor(tokens, device=self.device), torch.tensor([s.pos for s in rows], device=self.device),
@@ -383,21 +403,22 @@ class Engine:
         entries 0..p-1 and MTP entries (h_i, t_{i+1}) for i <= p-3; the draft call writes entries p-2 and p-1 (p-2
         is new after an accepted draft, else rewritten unchanged), so every model call covers the whole batch."""
         rows = list(self.active)
-        if any(s.matcher is not None for s in rows):  # a grammar's mask is known one token ahead only: no drafts
-            return self._decode()
         main, mtp = self._rows(0, len(rows))
         pending, pos, settings = self._inputs(rows, [[s.prev, s.pending] for s in rows])
         h = torch.stack([s.hidden for s in rows])  # (n, 2, D): h_{p-2}, h_{p-1}
         for two in (pending, h):  # 2 positions a row, a constant of the compiled graph (so one row gathers experts)
             torch._dynamo.mark_static(two, 1)
         reach = max(s.pos for s in rows)
-        q = self._run(draft_step, self.model, h, pending, pos, mtp, reach, settings).cpu()
+        allowed = self._allowed(rows)  # with grammars: what may follow t_p
+        q = self._run(draft_step, self.model, h, pending, pos, mtp, reach, settings, allowed).cpu()
         if not all(s.pos + 1 < self.max_len and len(s.c.token_ids) + 1 < s.params.max_new_tokens for s in rows):
             return self._decode()  # a row has room for one more token only
         drafts = [draw_one(q[i], s.generator) for i, s in enumerate(rows)]
         tokens = torch.tensor([[s.pending, d] for s, d in zip(rows, drafts)], device=self.device)
         torch._dynamo.mark_static(tokens, 1)
-        p, logp, hidden, logits = self._run(verify_step, self.model, tokens, pos, main, reach + 2, settings)
+        if allowed is not None:  # and what may follow each draft: the drafts are checked against the grammar too
+            allowed = torch.stack([allowed, self._allowed_after(rows, drafts)], dim=1)
+        p, logp, hidden, logits = self._run(verify_step, self.model, tokens, pos, main, reach + 2, settings, allowed)
         p, logp = p.cpu(), logp.cpu()
         events = []
         for i, seq in enumerate(rows):

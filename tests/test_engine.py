@@ -298,6 +298,7 @@ def test_a_grammar_holds_greedy_and_sampled_rows_to_it_in_one_batch(model, tok):
               "required": ["n"], "additionalProperties": False}
     free = SamplingParams(max_new_tokens=8, ignore_eos=True)
     alone = Engine(model, tok, max_batch=1, max_len=64).generate([PROMPTS[1]], free)[0].token_ids
+    greedy = []
     for speculative in (False, True):
         engine = Engine(model, tok, max_batch=4, max_len=64, speculative=speculative)
         params = [SamplingParams(max_new_tokens=20, temperature=t, seed=s, grammar=json_grammar(schema))
@@ -306,5 +307,7 @@ def test_a_grammar_holds_greedy_and_sampled_rows_to_it_in_one_batch(model, tok):
         for c in done[:3]:
             assert c.finish_reason == "stop" and set(json.loads(c.text)) == {"n"}, c.text
         assert done[3].token_ids == alone
+        greedy.append(done[0].token_ids)
+    assert greedy[0] == greedy[1] and engine.drafted > 0  # the drafts were checked against the grammar, not skipped
     with pytest.raises(SamplingError, match="grammar"):
         Engine(model, IdsOnly(), max_len=64).submit(PROMPTS[0], SamplingParams(grammar=json_grammar(schema)))
