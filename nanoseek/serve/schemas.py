@@ -161,7 +161,6 @@ class ChatCompletionRequest(GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="auto (the default with tools): the model decides; none: the tools are not offered; "
         "required, or a named function: the reply is a call (constrained decoding)")
-
     parallel_tool_calls: bool | None = Field(None, description="false: a required call is a single one")
 
     def offered_tools(self) -> list[dict] | None:
