@@ -262,6 +262,17 @@ def cmd_serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
+def cmd_export(args) -> None:
+    """A model directory as a GGUF file for llama.cpp, Ollama and LM Studio."""
+    from .export import export_gguf
+    t0 = time.perf_counter()
+    out = export_gguf(args.model_dir, args.gguf, args.outtype)
+    types = ", ".join(f"{n} {q}" for q, n in sorted(out["types"].items()))
+    print(f"wrote {args.gguf}: {out['tensors']} tensors ({types}), {out['bytes'] / 2**20:,.1f} MiB, "
+          f"in {time.perf_counter() - t0:.1f} s")
+    print(f"run it: llama-cli -m {args.gguf}  (or llama_cpp.Llama(model_path=...) in Python)")
+
+
 def cmd_report(args) -> None:
     """The report card of a run directory (nanoseek/report.py): report.md and PNG plots, from the run's own files."""
     from .report import write_report
@@ -502,6 +513,16 @@ def _add_serve(sub) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
+def _add_export(sub) -> None:
+    export = sub.add_parser("export", help="a model directory as a GGUF file (llama.cpp, Ollama, LM Studio)")
+    export.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a Hugging Face DeepseekV3 directory "
+                        "with its tokenizer, e.g. runs/demo/model")
+    export.add_argument("--gguf", type=Path, required=True, metavar="OUT", help="the GGUF file to write")
+    export.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f32",
+                        help="the matrices' type (norms, biases and the router stay f32; default: %(default)s)")
+    export.set_defaults(func=cmd_export)
+
+
 def _add_report(sub) -> None:
     report = sub.add_parser("report", help="report.md + PNG plots of a run: loss, MaxVio, GRPO, held-out accuracy, "
                             "MFU and cost")
@@ -515,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     for add in (_add_info, _add_cost, _add_claims, _add_pipelines, _add_tasks, _add_data, _add_tokenizer,
-                _add_training, _add_eval, _add_chat, _add_generate, _add_serve, _add_report):
+                _add_training, _add_eval, _add_chat, _add_generate, _add_serve, _add_export, _add_report):
         add(sub)  # in this order in `nanoseek --help`
     return ap
 

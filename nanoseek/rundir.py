@@ -44,17 +44,24 @@ def check_writable(out: str | Path) -> None:
 
 
 # ---- atomic writes ------------------------------------------------------------------------------------------------
-def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary sibling renamed into place."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; renamed into place when the block ends without an error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary sibling renamed into place."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: str | Path, data) -> Path:

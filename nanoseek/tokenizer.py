@@ -233,6 +233,11 @@ def _pieces(texts: Iterable[str]) -> Iterator[str]:
         yield from (p for p in _RESERVED_RE.split(text) if p)
 
 
+def split_patterns(digits: int = 3) -> list[str]:
+    """The regexes of the pre-tokenizer's isolating splits: DeepSeek-V3's with digits=3."""
+    return [rf"\p{{N}}{{1,{digits}}}", *_SPLITS]
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False, digits: int = 3) -> Tokenizer:
     """A byte-level BPE of `vocab_size` ids (the 9 reserved ones and 256 bytes included) trained on `texts`.
     Numbers split into runs of at most `digits` (DeepSeek-V3: 3; 1 gives one token per digit, which small models
@@ -243,7 +248,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool =
                              f"256 bytes need {minimum}")
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(p), "isolated") for p in (rf"\p{{N}}{{1,{digits}}}", *_SPLITS)]
+        [pre_tokenizers.Split(Regex(p), "isolated") for p in split_patterns(digits)]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(  # transformers' encode(text) starts with bos, as DeepSeek's
