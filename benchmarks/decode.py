@@ -4,6 +4,8 @@
    `DeepseekV3ForCausalLM.generate` (same weights through an HF directory, same prompts, exactly the same number of
    new tokens: min_new_tokens = max_new_tokens), at batch 1 and 16, the runs interleaved and the median taken;
    prefill included on both sides. The compiled engines' warm-up (compiling, before the timed runs) is reported.
+   At batch 1 also llama.cpp (llama-cpp-python, when installed) on the same model exported by `nanoseek export
+   --gguf` in f32, with as many threads: the CPU's best peer.
 2. MTP speculation in the Engine (one draft per step, checked by the main model): acceptance rate and speed-up,
    on the random model (drafts nearly always wrong) and on the same architecture trained for a few dozen steps
    on a cyclic token sequence, where the MTP module has something to predict.
@@ -46,9 +48,23 @@ def engines(model: Transformer, batch: int, max_len: int) -> dict[str, Engine]:
     return runs
 
 
-def compare(model: Transformer, prompts: torch.Tensor, n: int, repeats: int, hf=None) -> dict:
-    """Median tokens/s of each engine (and of transformers when given) on `prompts` (B, P), n new tokens each;
-    the MTP acceptance rate; whether the speculative and the transformers tokens equal plain greedy's."""
+def llama_cpp(model: Transformer, directory: str):
+    """llama.cpp's `Llama` on the model's f32 GGUF export, or None when llama-cpp-python is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from nanoseek.export import export_gguf
+    from nanoseek.tokenizer import train_tokenizer
+    model.save_pretrained(directory)
+    train_tokenizer(["any text to hold the token table"], 300).save(directory)  # ids past it export as unused
+    export_gguf(directory, f"{directory}/model.gguf")
+    return Llama(f"{directory}/model.gguf", n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+
+
+def compare(model: Transformer, prompts: torch.Tensor, n: int, repeats: int, hf=None, llm=None) -> dict:
+    """Median tokens/s of each engine (and of transformers and llama.cpp when given) on `prompts` (B, P), n new
+    tokens each; the MTP acceptance rate; whether the speculative and the peers' tokens equal plain greedy's."""
     batch = prompts.shape[0]
     params = SamplingParams(max_new_tokens=n, ignore_eos=True)
     runs = engines(model, batch, prompts.shape[1] + n + 2)
@@ -62,6 +78,15 @@ def compare(model: Transformer, prompts: torch.Tensor, n: int, repeats: int, hf=
                                    min_new_tokens=n, do_sample=False, pad_token_id=0)
         tokens["transformers"] = hf_generate()[:, prompts.shape[1]:].tolist()
         calls["transformers"] = hf_generate
+    if llm is not None and batch == 1:
+        def llama_generate():
+            out = []
+            for t in llm.generate(prompts[0].tolist(), temp=0.0, top_k=1, reset=True):
+                out.append(t)
+                if len(out) == n:
+                    return [out]
+        tokens["llama.cpp"] = llama_generate()
+        calls["llama.cpp"] = llama_generate
     seconds = timed_interleaved(calls, repeats)
     result = {"tokens_per_s": {name: batch * n / s for name, s in seconds.items()}, "warmup_seconds": warmup,
               "same_tokens_as_nanoseek": {name: t == tokens["nanoseek"] for name, t in tokens.items()
@@ -75,6 +100,8 @@ def compare(model: Transformer, prompts: torch.Tensor, n: int, repeats: int, hf=
     if hf is not None:
         result["speedup_vs_transformers"] = t["nanoseek compiled"] / t["transformers"]
         result["eager_speedup_vs_transformers"] = t["nanoseek"] / t["transformers"]
+    if "llama.cpp" in t:
+        result["compiled_over_llama_cpp"] = t["nanoseek compiled"] / t["llama.cpp"]
     return result
 
 
@@ -141,11 +168,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
         hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        llm = llama_cpp(ours, d)
     n = args.new_tokens
     prompts = {b: torch.randint(0, cfg.vocab_size, (b, args.prompt_len)) for b in BATCHES}
     result = {"preset": args.preset, "threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
               "new_tokens": n, "repeats": args.repeats,
-              "random": {f"batch_{b}": compare(ours, prompts[b], n, args.repeats, hf) for b in BATCHES}}
+              "random": {f"batch_{b}": compare(ours, prompts[b], n, args.repeats, hf, llm) for b in BATCHES}}
 
     t0 = time.perf_counter()
     cyclic, loss = train_cyclic(cfg, args.train_steps)
@@ -171,8 +199,14 @@ def main() -> None:
     warm = {f"batch {b}": sum(result["random"][f"batch_{b}"]["warmup_seconds"].values()) for b in BATCHES}
     print("compile warm-up before the timed runs (s, first compile of each graph in this process): "
           + ", ".join(f"{k}: {v:.1f}" for k, v in warm.items()))
-    print("ratios above: compiled engine / transformers; MTP speed-up: compiled+MTP / compiled. llama.cpp is not in "
-          "this table: it needs the GGUF export, not built yet")
+    print("ratios above: compiled engine / transformers; MTP speed-up: compiled+MTP / compiled")
+    r1 = result["random"]["batch_1"]
+    if "llama.cpp" in r1["tokens_per_s"]:
+        print(f"llama.cpp (f32 GGUF export, {result['threads']} threads), random model, batch 1: "
+              f"{r1['tokens_per_s']['llama.cpp']:.0f} tok/s; compiled engine / llama.cpp "
+              f"{r1['compiled_over_llama_cpp']:.2f}x")
+    else:
+        print("llama.cpp: not run (pip install llama-cpp-python to add it)")
     same = {f"{m} b{b} {k}": v for m in ("random", "cyclic") for b in BATCHES
             for k, v in result[m][f"batch_{b}"]["same_tokens_as_nanoseek"].items()}
     print("same greedy tokens as the plain Engine: " + ", ".join(f"{k}: {v}" for k, v in same.items()))

@@ -60,6 +60,15 @@ TOOLS_HEADER = "## Tools\n\nYou can call these functions (one or more, in the to
 _CALL_RE = re.compile(re.escape(CALL_BEGIN) + r"(\w+)" + re.escape(CALL_SEP) + r"(.*?)\n```json\n(.*?)\n```"
                       + re.escape(CALL_END), re.DOTALL)
 
+NO_THINKING = "<think> </think>"  # the reply's start when thinking is off: an empty think, as answer-only solutions
+
+
+def thinking_prefill(thinking: bool | None) -> str:
+    """What the generation prompt ends with: `<think>` (thinking on), an empty think (off), nothing (the model's
+    choice). V3.1's hybrid template does the same with its `thinking` switch."""
+    return "" if thinking is None else "<think>" if thinking else NO_THINKING
+
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | join('\\n\\n') %}"
@@ -83,7 +92,9 @@ CHAT_TEMPLATE = (
     "{% elif message['role'] != 'system' %}{{ raise_exception('unknown role ' + message['role']) }}"
     "{% endif %}"
     "{% endfor %}"
-    "{% if ns.is_tool %}{{ '" + OUTPUTS_END + "' }}{% elif add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{% if ns.is_tool %}{{ '" + OUTPUTS_END + "' }}{% elif add_generation_prompt %}{{ '<｜Assistant｜>' }}"
+    "{% if thinking is defined and thinking is not none %}{{ '<think>' if thinking else '" + NO_THINKING + "' }}"
+    "{% endif %}{% endif %}"
 )
 
 
@@ -152,11 +163,13 @@ class Tokenizer:
         return TokenStream(self._tok, skip_special_tokens)
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
-                            tokenize: bool = True, tools: Sequence[Mapping] | None = None) -> list[int] | str:
+                            tokenize: bool = True, tools: Sequence[Mapping] | None = None,
+                            thinking: bool | None = None) -> list[int] | str:
         """CHAT_TEMPLATE rendered in Python: the ids (or with tokenize=False the text) transformers gives. `tools`
         ({"type": "function", "function": {name, description, parameters}}) are described after the system prompt;
         an assistant message may carry `tool_calls` ({"function": {name, arguments (a JSON string)}}), and `tool`
-        messages bring their results back."""
+        messages bring their results back. `thinking` (True / False) opens the reply with `<think>` or an empty
+        think after the generation prompt (see `thinking_prefill`)."""
         for token in (USER, ASSISTANT):  # a vocabulary without the turn tokens cannot hold this format
             self.token_id(token)
         _check_messages(messages)
@@ -181,7 +194,7 @@ class Tokenizer:
         if is_tool:
             parts.append(OUTPUTS_END)
         elif add_generation_prompt:
-            parts.append(ASSISTANT)
+            parts.append(ASSISTANT + thinking_prefill(thinking))
         text = "".join(parts)
         return self.encode(text) if tokenize else text
 

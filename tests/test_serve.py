@@ -234,6 +234,27 @@ def test_chat_splits_reasoning_and_counts_tokens(client, tok):
     assert getattr(choice.message, "reasoning_content", None) is None
 
 
+@pytest.mark.parametrize("kwargs", [{"thinking": True}, {"thinking": False}, {"enable_thinking": True}])
+def test_thinking_switch_opens_the_reply_and_the_split_follows(client, tok, kwargs):
+    thinking = next(iter(kwargs.values()))
+    prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, thinking=thinking)
+    assert tok.decode(prompt).endswith("<think>" if thinking else "<think> </think>")
+    settings = dict(model=NAME, messages=CHAT, max_tokens=12, temperature=0,
+                    extra_body={"ignore_eos": True, "chat_template_kwargs": kwargs})
+    reply = client.chat.completions.create(**settings)
+    raw = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True}).choices[0].text
+    message = reply.choices[0].message
+    assert reply.usage.prompt_tokens == len(prompt)
+    if thinking:  # the whole reply is reasoning until the model closes the think
+        assert "</think>" not in raw and message.reasoning_content == raw.strip() and message.content == ""
+    else:
+        assert message.reasoning_content == "" and message.content == raw.strip()
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(**settings, stream=True) if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
+    assert "".join(d.content or "" for d in deltas) == message.content
+
+
 def test_streaming_adds_up_to_the_non_streaming_reply(client):
     settings = dict(model=NAME, messages=CHAT, max_tokens=16, temperature=0.9, seed=3)
     whole = client.chat.completions.create(**settings)

@@ -82,6 +82,17 @@ def test_chat_template_agrees_with_transformers(tok, hf, messages, add_generatio
         messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
 
 
+@pytest.mark.parametrize("thinking, ending", [(None, "<｜Assistant｜>"), (True, "<｜Assistant｜><think>"),
+                                              (False, "<｜Assistant｜><think> </think>")])
+def test_thinking_switch_opens_the_reply_as_transformers_does(tok, hf, thinking, ending):
+    messages = CONVERSATIONS[1][:2]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, thinking=thinking)
+    assert text.endswith(ending) and text == hf.apply_chat_template(messages, tokenize=False,
+                                                                    add_generation_prompt=True, thinking=thinking)
+    assert tok.apply_chat_template(messages, tokenize=False, thinking=thinking) == tok.apply_chat_template(
+        messages, tokenize=False)  # no generation prompt, nothing to open
+
+
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "a + b, exactly", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}},
          {"type": "function", "function": {"name": "now", "description": "the time, ünïcode", "parameters": {}}}]

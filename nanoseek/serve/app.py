@@ -26,7 +26,7 @@ from ..engine import Completion, Engine
 from ..errors import NanoseekError
 from ..model import Transformer
 from ..sampling import SamplingParams
-from ..tokenizer import ReasoningSplitter, Tokenizer, ToolCallStream
+from ..tokenizer import ReasoningSplitter, Tokenizer, ToolCallStream, thinking_prefill
 from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
 from .schemas import (ERRORS, UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest,
@@ -159,7 +159,7 @@ class Server:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         """A reply to the messages (DeepSeek-R1's chat template); reasoning in `reasoning_content`."""
         prompt = self.tokenizer.apply_chat_template([m.as_dict() for m in body.messages], add_generation_prompt=True,
-                                                    tools=body.offered_tools())
+                                                    tools=body.offered_tools(), thinking=body.thinking())
         return await self.respond(body, [prompt], "messages", request, chat=True)
 
     async def completions(self, body: CompletionRequest, request: Request):
@@ -203,7 +203,7 @@ class Server:
         report, prompt_report = body.reported_logprobs()
         if isinstance(body, ChatCompletionRequest):
             return choice(index, c, True, None if report is None else chat_logprobs(c.token_logprobs, self.text_of),
-                          tools=body.offered_tools() is not None)
+                          thinking_prefill(body.thinking()), tools=body.offered_tools() is not None)
         echo = self.tokenizer.decode(c.prompt_ids) if body.echo else ""
         if report is None:
             return choice(index, c, False, None, echo)
@@ -305,6 +305,8 @@ class StreamDeltas:
         self.report, self.prompt_report = body.reported_logprobs()
         self.echo = not self.chat and bool(body.echo)
         self.splitter = ReasoningSplitter()
+        if self.chat:  # what the prompt opened the reply with (a thinking switch): the splitter's first text
+            self.splitter.feed(thinking_prefill(body.thinking()))
         self.calls = ToolCallStream() if self.chat and body.offered_tools() is not None else None
         self.called = False  # tool calls went out: the choice finishes with "tool_calls"
         self.started, self.offset = False, 0  # the prompt sent (echo); where the next token's text starts

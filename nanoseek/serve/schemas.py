@@ -152,6 +152,12 @@ class GenerationRequest(_Strict):  # the fields both endpoints share
         return None, None
 
 
+class ChatTemplateKwargs(_Strict):
+    thinking: bool | None = Field(None, description="true: the reply opens with <think>; false: with an empty think "
+                                  "(an answer without reasoning); unset: the model's choice (DeepSeek-V3.1's switch)")
+    enable_thinking: bool | None = Field(None, description="the same switch under Qwen3's name")
+
+
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = Field(False, description="the model's log-prob of each output token")
@@ -162,6 +168,11 @@ class ChatCompletionRequest(GenerationRequest):
         None, description="auto (the default with tools): the model decides; none: the tools are not offered; "
         "required, or a named function: the reply is a call (constrained decoding)")
     parallel_tool_calls: bool | None = Field(None, description="false: a required call is a single one")
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+
+    def thinking(self) -> bool | None:
+        kwargs = self.chat_template_kwargs
+        return None if kwargs is None else kwargs.thinking if kwargs.thinking is not None else kwargs.enable_thinking
 
     def offered_tools(self) -> list[dict] | None:
         """The tools to describe in the prompt (None: none, or tool_choice none)."""
@@ -219,11 +230,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def choice(index: int, c: Completion, chat: bool, logprobs: dict | None = None, echo: str = "",
            tools: bool = False) -> dict:
-    """A finished choice of a non-streaming response (chat: a message, the `<think>` part in reasoning_content,
-    with `tools` the calls in tool_calls; completions: the text, after the prompt's `echo`)."""
+    """A finished choice of a non-streaming response (chat: a message, the `<think>` part in reasoning_content
+    (`echo`: what the prompt opened the reply with), with `tools` the calls in tool_calls; completions: the text,
+    after the prompt's `echo`)."""
     finish_reason = c.finish_reason
     if chat:
-        reasoning, content = split_reasoning(c.text)
+        reasoning, content = split_reasoning(echo + c.text)
         calls = []
         if tools:
             content, calls = parse_tool_calls(content)
