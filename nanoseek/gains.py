@@ -97,4 +97,10 @@ def summary(run_dir: Path) -> list[str]:
             student, teacher = evals[e["name"]]["pass@1"], evals[e["teacher"]]["pass@1"]
             share = f"{student / teacher:.0%}" if teacher > 0 else "-"
             lines.append(f"  {e['name']}: {student:.1%}, {share} of its teacher {e['teacher']}'s {teacher:.1%}")
+    if (path := run_dir / "tool_use.json").exists():
+        tools = json.loads(path.read_text())
+        with_, without = tools["with_tools"], tools["without_tools"]
+        lines.append(f"Tool use of the exported model ({with_['n']} held-out products, greedy): with the calculator "
+                     f"{cell(with_['pass@1'], with_['pass@1_se'])} (called it in {with_['tool_call_rate']:.0%}), "
+                     f"without {cell(without['pass@1'], without['pass@1_se'])}")
     return lines

@@ -13,6 +13,8 @@ writes the report:
     RUN_DIR/<stage>/               the stage's run: metrics.jsonl, checkpoints/, model/
     RUN_DIR/evals/<stage>.json     pass@1 (and pass@k, maj@k, format) of the stage's model on data/eval.jsonl
     RUN_DIR/model/                 the exported model (Hugging Face directory with its tokenizer)
+    RUN_DIR/data/tools-eval.jsonl  with `tool_tasks`: held-out tool problems (their conversations joined the corpus)
+    RUN_DIR/tool_use.json          ... answered by the exported model through a tool loop, with the tools and without
     RUN_DIR/report.md, plots/
 
 A stage with `match: NAME` is a control: it trains for as many seconds as stage NAME's steps took (distillation's
@@ -39,6 +41,7 @@ from .train import run as run_stage
 from .train.recipe import load_config
 from .gains import level_scores
 
+TOOL_USE = "tool_use.json"  # the exported model's tool use, with the tools and without (gains.summary prints it)
 ACCEPTANCE_N = 100  # held-out problems decoded speculatively to measure the MTP module's acceptance rate
 
 
@@ -55,6 +58,9 @@ class PipelineConfig:
     eval_temperature: float = 0.6  # ... sampled at R1's evaluation temperature and top-p
     eval_top_p: float = 0.95
     eval_max_new_tokens: int = 160
+    tool_tasks: str | None = None  # a task recipe of tool-using families (the calculator): their conversations ...
+    tool_tasks_n: int = 0  # ... join the corpus, this many, and ...
+    tool_eval_n: int = 0  # ... this many held out test the exported model's tool use, with the tools and without
     vocab_size: int = 2048
     tokenizer_digits: int = 3
     seed: int = 0
@@ -86,7 +92,7 @@ class PipelineConfig:
             if isinstance(value, bool) or not isinstance(value, kinds[f.type]):
                 raise TrainError(f"{source}: '{f.name}' = {value!r}: expected {f.type}")
         for key, low in (("tasks_n", 1), ("eval_n", 0), ("eval_harder_n", 0), ("eval_samples", 1),
-                         ("eval_max_new_tokens", 1)):
+                         ("eval_max_new_tokens", 1), ("tool_tasks_n", 0), ("tool_eval_n", 0)):
             if getattr(self, key) < low:
                 raise TrainError(f"{source}: '{key}' = {getattr(self, key)}: must be >= {low}")
         if not 0 <= self.worked_fraction <= 1:
@@ -105,6 +111,10 @@ class PipelineConfig:
             names.append(entry["name"])
             # unknown keys and bad values fail here, before anything runs
             self.stage_config(entry, Path("RUN_DIR"), names[:-1])
+        if self.tool_tasks is not None:
+            tools = Mixture.from_recipe(self.tool_tasks)
+            if without := [e.family for e in tools.entries if not get_family(e.family).tool_functions]:
+                raise TrainError(f"{source}: tool_tasks: {', '.join(without)} offer no tools")
         if self.export is not None and self.export not in names:
             raise TrainError(f"{source}: export: {self.export!r} is not a stage ({', '.join(names)})")
 
@@ -177,7 +187,10 @@ class Pipeline:
         for entry in self.cfg.stages:
             steps.append((entry["name"], lambda e=entry: self.train(e)))
             steps.append((f"eval {entry['name']}", lambda e=entry: self.evaluate(e["name"])))
-        steps += [("export", self.export), ("report", self.report)]
+        steps.append(("export", self.export))
+        if self.cfg.tool_tasks and self.cfg.tool_eval_n:
+            steps.append(("eval tools", self.evaluate_tools))
+        steps.append(("report", self.report))
         t_start = time.perf_counter()
         for i, (name, fn) in enumerate(steps, 1):
             if self.done(name) and name != "report":
@@ -200,12 +213,19 @@ class Pipeline:
         hard = [p for p in build_corpus(harder(mixture), cfg.eval_harder_n, cfg.eval_harder_n, seed=cfg.seed + 1,
                                         progress=False).held_out if p.prompt not in seen]
         held_out = corpus.held_out + hard
+        worked = sum(p.solution != answer_only(p.answer) for p in corpus.train)
+        tools = build_corpus(Mixture.from_recipe(cfg.tool_tasks), cfg.tool_tasks_n + cfg.tool_eval_n,
+                             cfg.tool_eval_n, seed=cfg.seed + 2, progress=False) if cfg.tool_tasks else None
+        if tools is not None:  # the windows are shuffled when training: appended is as good as interleaved
+            corpus.train += tools.train
+            write_jsonl(data / "tools-eval.jsonl", tools.held_out)
         write_jsonl(data / "eval.jsonl", held_out)
         write_jsonl(data / "corpus.jsonl", corpus.train)
-        worked = sum(p.solution != answer_only(p.answer) for p in corpus.train)
-        print(f"  {len(corpus.train):,} training problems ({worked:,} with worked steps); {len(corpus.held_out)} "
+        print(f"  {len(corpus.train):,} training problems ({worked:,} with worked steps"
+              + (f", {len(tools.train):,} tool conversations" if tools else "") + f"); {len(corpus.held_out)} "
               f"held-out at the trained levels and {len(hard)} one level harder -> {data}")
-        return {"train": len(corpus.train), "eval": len(held_out), "eval_harder": len(hard)}
+        return {"train": len(corpus.train), "eval": len(held_out), "eval_harder": len(hard),
+                **({"tools": len(tools.train), "tools_eval": len(tools.held_out)} if tools else {})}
 
     def build_tokenizer(self) -> dict:
         from .tokenizer import train_tokenizer
@@ -241,6 +261,24 @@ class Pipeline:
         print(format_table(report))
         return {key: report[key] for key in ("pass@1", "pass@1_se", "pass@1_trained", "pass@1_harder",
                                              "thinking_rate")}
+
+    def evaluate_tools(self) -> dict:
+        """The exported model on the held-out tool problems, offered the tools and not (the control)."""
+        from .model import Transformer
+        from .tokenizer import Tokenizer
+        from .tool_use import tool_use
+        model, tok = Transformer.from_pretrained(self.dir / "model").eval(), Tokenizer.load(self.dir / "model")
+        problems = read_jsonl(self.dir / "data" / "tools-eval.jsonl")
+        report = {"model": str(self.dir / "model"), "problems": "data/tools-eval.jsonl (held-out)",
+                  **{key: tool_use(model, tok, problems, offered, self.cfg.eval_max_new_tokens)
+                     for key, offered in (("with_tools", True), ("without_tools", False))}}
+        write_json(self.dir / TOOL_USE, report)
+        summary = {f"pass@1_{key}": report[key]["pass@1"] for key in ("with_tools", "without_tools")}
+        summary.update({f"pass@1_se_{key}": report[key]["pass@1_se"] for key in ("with_tools", "without_tools")})
+        print("  tool use: " + ", ".join(f"{key.replace('_', ' ')} {r['pass@1']:.1%} ± {r['pass@1_se']:.1%} "
+                                         f"(called a tool: {r['tool_call_rate']:.0%})"
+                                         for key, r in report.items() if isinstance(r, dict)))
+        return {**summary, "tool_call_rate": report["with_tools"]["tool_call_rate"]}
 
     def export(self) -> dict:
         source = self.dir / (self.cfg.export or self.cfg.stages[-1]["name"]) / "model"

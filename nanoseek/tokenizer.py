@@ -165,37 +165,11 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
                             tokenize: bool = True, tools: Sequence[Mapping] | None = None,
                             thinking: bool | None = None) -> list[int] | str:
-        """CHAT_TEMPLATE rendered in Python: the ids (or with tokenize=False the text) transformers gives. `tools`
-        ({"type": "function", "function": {name, description, parameters}}) are described after the system prompt;
-        an assistant message may carry `tool_calls` ({"function": {name, arguments (a JSON string)}}), and `tool`
-        messages bring their results back. `thinking` (True / False) opens the reply with `<think>` or an empty
-        think after the generation prompt (see `thinking_prefill`)."""
+        """CHAT_TEMPLATE rendered in Python (`render_chat`): the ids (or with tokenize=False the text) transformers
+        gives."""
         for token in (USER, ASSISTANT):  # a vocabulary without the turn tokens cannot hold this format
             self.token_id(token)
-        _check_messages(messages)
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        parts, is_tool = [self.bos_token, system], False
-        if tools:
-            parts.append(("\n\n" if system else "") + TOOLS_HEADER + "".join(
-                f"\n```json\n{json.dumps(t['function'], ensure_ascii=False)}\n```" for t in tools))
-        for m in messages:
-            if m["role"] == "user":
-                parts.append(USER + m["content"])
-                is_tool = False
-            elif m["role"] == "assistant":
-                calls = m.get("tool_calls") or []
-                parts.append((OUTPUTS_END if is_tool else ASSISTANT) + (m.get("content") or "")
-                             + (CALLS_BEGIN + "\n".join(_render_call(c) for c in calls) + CALLS_END if calls else "")
-                             + self.eos_token)
-                is_tool = False
-            elif m["role"] == "tool":
-                parts.append(("\n" if is_tool else OUTPUTS_BEGIN) + OUTPUT_BEGIN + m["content"] + OUTPUT_END)
-                is_tool = True
-        if is_tool:
-            parts.append(OUTPUTS_END)
-        elif add_generation_prompt:
-            parts.append(ASSISTANT + thinking_prefill(thinking))
-        text = "".join(parts)
+        text = render_chat(messages, add_generation_prompt, tools, thinking, self.bos_token, self.eos_token)
         return self.encode(text) if tokenize else text
 
     def save(self, path: str | Path) -> None:
@@ -284,6 +258,39 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool =
     for added in spec["added_tokens"]:
         added["special"] = added["content"] not in TAGS
     return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+
+
+def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False,
+                tools: Sequence[Mapping] | None = None, thinking: bool | None = None, bos_token: str = BOS,
+                eos_token: str = EOS) -> str:
+    """CHAT_TEMPLATE's text. `tools` ({"type": "function", "function": {name, description, parameters}}) are
+    described after the system prompt; an assistant message may carry `tool_calls` ({"function": {name, arguments
+    (a JSON string)}}), and `tool` messages bring their results back. `thinking` (True / False) opens the reply with
+    `<think>` or an empty think after the generation prompt (see `thinking_prefill`)."""
+    _check_messages(messages)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    parts, is_tool = [bos_token, system], False
+    if tools:
+        parts.append(("\n\n" if system else "") + TOOLS_HEADER + "".join(
+            f"\n```json\n{json.dumps(t['function'], ensure_ascii=False)}\n```" for t in tools))
+    for m in messages:
+        if m["role"] == "user":
+            parts.append(USER + m["content"])
+            is_tool = False
+        elif m["role"] == "assistant":
+            calls = m.get("tool_calls") or []
+            parts.append((OUTPUTS_END if is_tool else ASSISTANT) + (m.get("content") or "")
+                         + (CALLS_BEGIN + "\n".join(_render_call(c) for c in calls) + CALLS_END if calls else "")
+                         + eos_token)
+            is_tool = False
+        elif m["role"] == "tool":
+            parts.append(("\n" if is_tool else OUTPUTS_BEGIN) + OUTPUT_BEGIN + m["content"] + OUTPUT_END)
+            is_tool = True
+    if is_tool:
+        parts.append(OUTPUTS_END)
+    elif add_generation_prompt:
+        parts.append(ASSISTANT + thinking_prefill(thinking))
+    return "".join(parts)
 
 
 def _check_messages(messages: Sequence[Mapping]) -> None:

@@ -20,6 +20,7 @@ TINY = dict(preset="tiny", seq_len=64, batch_size=2, save_every=2, mtp_lambda=0.
 RECIPE = {
     "tasks": "tasks-cpu-demo", "tasks_n": 300, "eval_n": 6, "eval_harder_n": 4, "eval_samples": 2,
     "eval_max_new_tokens": 12, "vocab_size": 300, "tokenizer_digits": 1, "export": "grpo",
+    "tool_tasks": "tasks-tools-demo", "tool_tasks_n": 10, "tool_eval_n": 3,
     "stages": [
         {"name": "pretrain", "stage": "pretrain", "max_steps": 4, "warmup_steps": 1, **TINY},
         {"name": "grpo", "stage": "grpo", "init": "pretrain", "max_steps": 4, "group_size": 2, "prompts_per_step": 2,
@@ -42,8 +43,14 @@ def test_pipeline_runs_every_stage_and_keeps_the_held_out_problems_unseen(recipe
     state = json.loads((out / "pipeline.json").read_text())
     assert [s["name"] for s in state["stages"]] == [
         "data", "tokenizer", "pretrain", "eval pretrain", "grpo", "eval grpo", "distill", "eval distill", "export",
-        "report"]
-    train = {p.prompt for p in read_jsonl(out / "data" / "corpus.jsonl")}
+        "eval tools", "report"]
+    corpus = read_jsonl(out / "data" / "corpus.jsonl")
+    train = {p.prompt for p in corpus}
+    tool_problems = read_jsonl(out / "data" / "tools-eval.jsonl")
+    assert sum(p.family == "calculator" for p in corpus) == 10 and len(tool_problems) == 3
+    assert not train & {p.prompt for p in tool_problems}
+    tool_use = json.loads((out / "tool_use.json").read_text())
+    assert tool_use["with_tools"]["n"] == tool_use["without_tools"]["n"] == 3
     held_out = read_jsonl(out / "data" / "eval.jsonl")
     assert held_out and not train & {p.prompt for p in held_out}
     trained_max = {e.family: e.difficulty[1] for e in Mixture.from_recipe("tasks-cpu-demo").entries}
@@ -59,6 +66,7 @@ def test_pipeline_runs_every_stage_and_keeps_the_held_out_problems_unseen(recipe
     assert "## Held-out accuracy" in (out / "report.md").read_text()
     printed = capsys.readouterr().out
     assert f"model:  {out / 'model'}" in printed and "nanoseek chat --model" in printed
+    assert "Tool use of the exported model (3 held-out products" in printed
 
 
 def test_an_equal_time_control_and_a_corpus_with_answers_only(recipe, tmp_path, capsys):
@@ -171,6 +179,7 @@ def test_other_settings_in_the_same_directory_are_refused(recipe, tmp_path, caps
     (lambda r: r.update(eval_samples=0), "'eval_samples' = 0: must be >= 1"),
     (lambda r: r.update(worked_fraction=1.5), "'worked_fraction' = 1.5: must be in [0, 1]"),
     (lambda r: r["stages"][1].update(match="later"), "match: 'later' is not an earlier stage"),
+    (lambda r: r.update(tool_tasks="tasks-cpu-demo"), "tool_tasks: addition, subtraction, chain_sum"),
 ])
 def test_recipe_mistakes_are_named_before_anything_runs(recipe, tmp_path, capsys, edit, message):
     bad = json.loads(json.dumps(RECIPE))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..errors import TaskError
@@ -87,6 +88,12 @@ class TaskFamily(ABC):
     max_difficulty: int
     max_answer_chars = MAX_ANSWER_CHARS
     has_solutions = True  # False: problems come without worked solutions (RL and evaluation only)
+    tool_functions: Mapping[str, Callable[[str], str]] = {}  # the tools its problems offer: name -> f(JSON arguments)
+
+    def run_tool(self, name: str, arguments: str) -> str:
+        """A call's result as the model reads it back; an unknown tool is an error message, not an exception."""
+        tool = self.tool_functions.get(name)
+        return tool(arguments) if tool else f"error: no tool named {name!r}"
 
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
         """A problem drawn with `rng` only, so a seed gives the same problems on every machine."""

@@ -7,6 +7,7 @@ import functools
 from ..errors import TaskError
 from .arithmetic import Addition, Multiplication, Subtraction
 from .base import TaskFamily
+from .calculator import Calculator
 from .chain_sum import ChainSum
 from .countdown import Countdown
 from .counting import Counting, Parity
@@ -15,7 +16,8 @@ from .reasoning_gym import PREFIX, ReasoningGymFamily, dataset_names
 from .sorting import Sorting
 
 BUILTIN: dict[str, TaskFamily] = {f.name: f for f in (Addition(), Subtraction(), Multiplication(), ChainSum(),
-                                                       Countdown(), LinearEquation(), Sorting(), Counting(), Parity())}
+                                                       Countdown(), LinearEquation(), Sorting(), Counting(), Parity(),
+                                                       Calculator())}
 
 
 def families(reasoning_gym: bool = False) -> list[str]:

@@ -1,8 +1,9 @@
 """The data of the language-model stages: documents -> tokenizer -> packed token shards.
 
 Task problems (a task recipe, or JSONL with prompt/solution) become chat documents
-`<bos><User>prompt<Assistant>solution<eos>` (SFT counts the loss on the solution alone); JSONL rows with `text` and
-.txt / .parquet files become plain documents. `prepare` builds what a run needs under OUT/data and OUT/tokenizer,
+`<bos><User>prompt<Assistant>solution<eos>` (SFT counts the loss on the solution alone); a problem whose `meta`
+holds `tools` and `turns` (tool calls and their results before the final reply) becomes that conversation, the tools
+described in its system prompt. JSONL rows with `text` and .txt / .parquet files become plain documents. `prepare` builds what a run needs under OUT/data and OUT/tokenizer,
 reusing what a resumed run already built.
 """
 
@@ -16,19 +17,29 @@ from ..data import build_corpus, held_out_path, read_jsonl, write_jsonl
 from ..errors import DataError
 from ..shards import INDEX, TokenShards, write_shards
 from ..tasks import Mixture, Problem
-from ..tokenizer import Tokenizer, train_tokenizer
+from ..tokenizer import Tokenizer, render_chat, train_tokenizer
 from .recipe import TrainConfig
 
 
-def chat_document(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Ids of a one-turn chat without its final end-of-sentence (the shards add it), and the mask of the reply."""
-    prefix = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+def chat_document(tok: Tokenizer, prompt: str, response: str, tools: list[dict] | None = None,
+                  turns: list[dict] = ()) -> tuple[list[int], list[int]]:
+    """Ids of a chat without its final end-of-sentence (the shards add it), and the mask of what follows the prompt
+    (with `turns`, the tool results too: they are text the reply copies, not the model's to predict, but a token
+    mask cannot split them off where the plain-text tool markers merge across a boundary)."""
+    user = [{"role": "user", "content": prompt}]
+    prefix = tok.apply_chat_template(user, add_generation_prompt=True, tools=tools)
+    ids = tok.apply_chat_template(user + list(turns) + [{"role": "assistant", "content": response}], tools=tools)
     if ids[:len(prefix)] != prefix:
         raise DataError("the chat template does not extend the generation prompt; cannot mask the prompt")
     if ids and ids[-1] == tok.eos_id:
         ids = ids[:-1]
     return ids, [0] * len(prefix) + [1] * (len(ids) - len(prefix))
+
+
+def conversation(row: dict) -> tuple[list[dict] | None, list[dict]]:
+    """(tools, turns) of a task row: what a tool-using family keeps in its `meta`; (None, []) for the others."""
+    meta = row.get("meta") or {}
+    return meta.get("tools"), meta.get("turns") or []
 
 
 def read_texts(path: Path) -> Iterator[dict]:
@@ -73,7 +84,7 @@ def documents(files: list[Path], tok: Tokenizer, sft: bool) -> Iterator[tuple[li
                     raise DataError(f"{path} row {i}: SFT needs prompt + solution rows")
                 yield tok.encode(text), None
             else:
-                ids, mask = chat_document(tok, text, response)
+                ids, mask = chat_document(tok, text, response, *conversation(row))
                 yield ids, mask if sft else None
 
 
@@ -136,7 +147,12 @@ def tokenizer_texts(files: list[Path]) -> Iterator[str]:
         n = 0
         for i, row in enumerate(read_texts(path)):
             text, response = row_text(row, f"{path} row {i}")
-            text = text if response is None else f"{text}\n{response}"
+            tools, turns = conversation(row)
+            if tools or turns:  # the tool descriptions and markers, as the documents will hold them
+                text = render_chat([{"role": "user", "content": text}, *turns,
+                                    {"role": "assistant", "content": response}], tools=tools)
+            elif response is not None:
+                text = f"{text}\n{response}"
             if text.strip():
                 n += 1
                 yield text
