@@ -20,7 +20,7 @@ TINY = dict(preset="tiny", seq_len=64, batch_size=2, save_every=2, mtp_lambda=0.
 RECIPE = {
     "tasks": "tasks-cpu-demo", "tasks_n": 300, "eval_n": 6, "eval_harder_n": 4, "eval_samples": 2,
     "eval_max_new_tokens": 12, "vocab_size": 300, "tokenizer_digits": 1, "export": "grpo",
-    "tool_tasks": "tasks-tools-demo", "tool_tasks_n": 10, "tool_eval_n": 3,
+    "tool_tasks": "tasks-tools", "tool_tasks_n": 10, "tool_eval_n": 3,
     "stages": [
         {"name": "pretrain", "stage": "pretrain", "max_steps": 4, "warmup_steps": 1, **TINY},
         {"name": "grpo", "stage": "grpo", "init": "pretrain", "max_steps": 4, "group_size": 2, "prompts_per_step": 2,
@@ -133,12 +133,12 @@ def test_a_killed_pipeline_resumes_where_it_stopped(recipe, tmp_path, monkeypatc
     capsys.readouterr()
     assert main(["pipeline", "--recipe", str(recipe), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "[1/10] data: done earlier, skipped" in printed and "resumed from" in printed
+    assert "[1/11] data: done earlier, skipped" in printed and "resumed from" in printed
     assert (out / "data" / "corpus.jsonl").read_bytes() == corpus
     steps = [json.loads(r)["step"] for r in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert main(["pipeline", "--recipe", str(recipe), "--out", str(out)]) == 0  # all done: only the report again
-    assert capsys.readouterr().out.count("done earlier, skipped") == 9
+    assert capsys.readouterr().out.count("done earlier, skipped") == 10
 
 
 def test_r1_stages_cold_start_sft_then_rejection_sampling_into_the_same_model(recipe, tmp_path):
