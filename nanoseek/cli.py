@@ -434,6 +434,8 @@ def _add_tokenizer(sub) -> None:
 def _add_training(sub) -> None:
     """One command per training stage: a recipe, then any of its settings as --key value."""
     for stage, what in (("pretrain", "pretrain a V3 model (MoE, MLA, MTP; FP8 optional) on text or task data"),
+                        ("extend", "extend a model's context with YaRN (V3 section 4.3): --extend.factor 4 "
+                         "--extend.original-length L, then training at the longer --seq-len"),
                         ("sft", "supervised fine-tuning on prompt/solution pairs, loss on the reply only"),
                         ("grpo", "GRPO / Dr. GRPO / DAPO with rewards from the task verifiers (R1-Zero from a base)"),
                         ("distill", "a teacher's verified-correct traces (rejection sampling) -> SFT of a student")):

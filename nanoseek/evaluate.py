@@ -10,10 +10,11 @@ Per problem, with n samples of which c score full credit:
     format   the share of samples in the `<think> ... </think> <answer> ... </answer>` format (R1's format reward)
     thinking the share of samples whose `<think>` block holds worked steps (not empty)
 
-and the mean completion length in tokens; each metric is then averaged over the problems of a task family, of a
-`family/difficulty` pair, and of the whole set. `pass@1_se` is the standard error of pass@1 over the problems
-(the spread of per-problem pass@1 / sqrt(problems)), and the report keeps every problem's pass@1 (`per_problem`,
-in order) so two evaluations on the same problems can be compared pairwise (`paired_gain`).
+and the mean completion and prompt lengths in tokens; each metric is then averaged over the problems of a task
+family, of a `family/difficulty` pair, and of the whole set; problems with a needle's `depth` (passkey retrieval)
+also per `family/difficulty/depth` (`by_depth`, the NIAH grid). `pass@1_se` is the standard error of pass@1 over the
+problems (the spread of per-problem pass@1 / sqrt(problems)), and the report keeps every problem's pass@1
+(`per_problem`, in order) so two evaluations on the same problems can be compared pairwise (`paired_gain`).
 """
 
 from __future__ import annotations
@@ -160,15 +161,19 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, p
 def grade(problems: list[Problem], groups: list[list[Completion]], **info) -> dict:
     """Each problem's completions scored: the metrics above overall (top level, then `info`), `per_problem` pass@1,
     `by_family` and `by_task` (`family/difficulty`), plus a few examples."""
-    per_problem, by_family, by_task = [], defaultdict(list), defaultdict(list)
+    per_problem, by_family, by_task, by_depth = [], defaultdict(list), defaultdict(list), defaultdict(list)
     for p, completions in zip(problems, groups):
         metrics = problem_metrics(p, [c.text for c in completions], [len(c.token_ids) for c in completions])
+        metrics["prompt_tokens"] = len(completions[0].prompt_ids)
         per_problem.append(metrics)
         by_family[p.family].append(metrics)
         by_task[f"{p.family}/{p.difficulty}"].append(metrics)
+        if "depth" in p.meta:  # needle-in-a-haystack problems: read by length and depth
+            by_depth[f"{p.family}/{p.difficulty}/{p.meta['depth']:g}"].append(metrics)
     return {**_mean(per_problem), **info, "per_problem": [round(m["pass@1"], 4) for m in per_problem],
             "by_family": {k: _mean(v) for k, v in sorted(by_family.items())},
             "by_task": {k: _mean(v) for k, v in sorted(by_task.items())},
+            **({"by_depth": {k: _mean(v) for k, v in by_depth.items()}} if by_depth else {}),
             "examples": [{"prompt": problems[i].prompt, "completion": groups[i][0].text,
                           "answer": problems[i].answer} for i in range(min(N_EXAMPLES, len(problems)))]}
 

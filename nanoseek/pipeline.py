@@ -127,7 +127,7 @@ class PipelineConfig:
         data = run_dir / "data"
         fixed = {"out": str(run_dir / entry["name"]), "tokenizer": str(run_dir / "tokenizer"), "eval_n": 0,
                  "device": self.device, "seed": keys.get("seed", self.seed)}
-        if entry["stage"] in ("pretrain", "sft"):
+        if entry["stage"] in ("pretrain", "extend", "sft"):
             fixed.update(data=[str(data / "corpus.jsonl")], tasks=None)
         else:  # the prompts come from the mixture; the held-out problems are excluded from them
             fixed.update(data=[str(data / "eval.jsonl")], tasks=self.tasks)

@@ -26,7 +26,7 @@ from typing import Iterator, NamedTuple
 
 from .errors import DataError, TrainError
 
-STAGES = ("pretrain", "sft", "grpo", "distill")  # the training stages, in pipeline order
+STAGES = ("pretrain", "extend", "sft", "grpo", "distill")  # the training stages, in pipeline order
 PIPELINE_STATE = "pipeline.json"
 METRICS = "metrics.jsonl"
 

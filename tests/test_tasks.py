@@ -143,8 +143,8 @@ def test_bad_difficulty_names_the_family(difficulty):
 
 
 def test_registry():
-    assert families()[:3] == ["addition", "subtraction", "multiplication"] and len(families()) == 10
-    assert all(n.startswith("rg:") for n in families(reasoning_gym=True)[10:])
+    assert families()[:3] == ["addition", "subtraction", "multiplication"] and len(families()) == 11
+    assert all(n.startswith("rg:") for n in families(reasoning_gym=True)[11:])
     assert "rg:basic_arithmetic" in families(reasoning_gym=True)
     with pytest.raises(TaskError, match="'nope'.*known: addition"):
         get_family("nope")

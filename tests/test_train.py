@@ -188,7 +188,7 @@ def test_settings_sections_flat_nested_and_dotted(tmp_path):
     assert student.grpo.group_size == 8 and student.moe.mtp_lambda == 0.0
     with pytest.raises(TrainError, match=r"'grpo.group_size' = 1: must be >= 2"):
         load_config(None, {"group_size": "1"}, stage="grpo", init="m", tasks="t")
-    with pytest.raises(TrainError, match=r"'distill.teacher' = None: must be is set"):
+    with pytest.raises(TrainError, match=r"'distill.teacher' = None: must be set for distillation"):
         load_config(None, {}, stage="distill", tasks="t")
     with pytest.raises(TrainError, match=r"unknown key 'grpo.beat'"):
         load_config(None, {"grpo.beat": "0.1"}, data=["x"])

@@ -12,12 +12,13 @@ from .chain_sum import ChainSum
 from .countdown import Countdown
 from .counting import Counting, Parity
 from .linear import LinearEquation
+from .passkey import Passkey
 from .reasoning_gym import PREFIX, ReasoningGymFamily, dataset_names
 from .sorting import Sorting
 
 BUILTIN: dict[str, TaskFamily] = {f.name: f for f in (Addition(), Subtraction(), Multiplication(), ChainSum(),
                                                        Countdown(), LinearEquation(), Sorting(), Counting(), Parity(),
-                                                       Calculator())}
+                                                       Calculator(), Passkey())}
 
 
 def families(reasoning_gym: bool = False) -> list[str]:

@@ -10,7 +10,9 @@ On several processes each takes its slice of every global batch (`batch_size` se
 makes the count of positions vary, each process divides by the global count, so the mean of the processes' losses
 (what DDP and FSDP differentiate) is the single-process loss of the whole batch.
 
-The data (task problems or text files -> tokenizer -> packed shards) is prepared by lm_data.py.
+Context extension (stage extend, V3 section 4.3) is this objective from a pretrained model, its config given YaRN
+scaling (`with_yarn`), at a longer seq_len. The data (task problems or text files -> tokenizer -> packed shards) is
+prepared by lm_data.py.
 """
 
 from __future__ import annotations
@@ -72,11 +74,31 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Trans
         model = load_model(cfg.init, device=device)
         if tok.vocab_size > model.cfg.vocab_size:
             raise TrainError(f"{cfg.init}: vocab_size {model.cfg.vocab_size} < the tokenizer's {tok.vocab_size}")
-        return model
+        return with_yarn(model, cfg) if cfg.stage == "extend" else model
     mcfg = ModelConfig.from_preset(cfg.preset, **{"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id,
                                                   "eos_token_id": tok.eos_id, **cfg.model_overrides})
     with torch.device(device):
         return Transformer(mcfg)
+
+
+def with_yarn(model: Transformer, cfg: TrainConfig) -> Transformer:
+    """The same weights under YaRN scaling of the rope dims, as DeepSeek-V3's config.json writes it (mscale =
+    mscale_all_dim = 1: the softmax scale grows by (0.1 ln s + 1)^2), for a context of factor x original_length."""
+    e = model.cfg.yarn or {}
+    original = cfg.extend.original_length or e.get("original_max_position_embeddings")
+    if not original:
+        raise TrainError(f"extend.original_length: {cfg.init} has no YaRN settings to extend; give the length it was "
+                         f"pretrained at")
+    context = int(cfg.extend.factor * original)
+    if cfg.seq_len > context:
+        raise TrainError(f"seq_len {cfg.seq_len}: longer than the extended context {context} (extend.factor "
+                         f"{cfg.extend.factor} x {original})")
+    yarn = {"type": "yarn", "factor": cfg.extend.factor, "original_max_position_embeddings": original,
+            "beta_fast": cfg.extend.beta_fast, "beta_slow": cfg.extend.beta_slow, "mscale": 1.0, "mscale_all_dim": 1.0}
+    with torch.device(next(model.parameters()).device):
+        extended = Transformer(model.cfg.replace(rope_scaling=yarn, max_position_embeddings=context))
+    extended.load_state_dict(model.state_dict())
+    return extended
 
 
 # ---- the objective ---------------------------------------------------------------------------------------------------

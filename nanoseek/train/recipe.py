@@ -63,7 +63,7 @@ class GRPOSettings:
     format_partial: float = 0.1
 
     def rules(self) -> list[Rule]:
-        return [("loss_type", self.loss_type in ("grpo", "dr_grpo", "dapo"), "is grpo, dr_grpo or dapo"),
+        return [("loss_type", self.loss_type in ("grpo", "dr_grpo", "dapo"), "one of grpo, dr_grpo, dapo"),
                 ("group_size", self.group_size >= 2, ">= 2 (advantages compare samples of a group)"),
                 ("prompts_per_step", self.prompts_per_step >= 1, ">= 1"),
                 ("num_iterations", self.num_iterations >= 1, ">= 1"),
@@ -80,14 +80,28 @@ class DistillSettings:
     max_new_tokens: int = 128
 
     def rules(self) -> list[Rule]:
-        return [("teacher", self.teacher is not None, "is set for distillation"),
+        return [("teacher", self.teacher is not None, "set for distillation"),
                 ("samples", self.samples >= 1, ">= 1"),
                 ("temperature", self.temperature > 0, "> 0"), ("max_new_tokens", self.max_new_tokens >= 1, ">= 1")]
 
 
 @dataclass
+class ExtendSettings:
+    """Context extension (stage extend), DeepSeek-V3 section 4.3: YaRN written into the init model's config, then
+    training at the longer `seq_len` (V3: 4K -> 32K -> 128K, 1,000 steps each, scale 40, beta 32 / 1)."""
+    factor: float = 4.0  # the new context: factor x original_length (a second phase gives the total factor)
+    original_length: int | None = None  # the pretraining length; unset: the init model's YaRN original (phase 2)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+    def rules(self) -> list[Rule]:
+        return [("factor", self.factor > 1, "> 1"),
+                ("original_length", self.original_length is None or self.original_length > 0, "> 0 (or unset)")]
+
+
+@dataclass
 class TrainConfig:
-    stage: str = "pretrain"  # pretrain | sft | grpo | distill
+    stage: str = "pretrain"  # pretrain | extend | sft | grpo | distill
     # model
     preset: str = "small"  # the architecture of a fresh model (vocab_size comes from the tokenizer)
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields to change in the preset
@@ -130,15 +144,16 @@ class TrainConfig:
     moe: MoESettings = field(default_factory=MoESettings)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
+    extend: ExtendSettings = field(default_factory=ExtendSettings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def rules(self) -> list[Rule]:
-        return [("stage", self.stage in STAGE_SECTIONS, "is pretrain, sft, grpo or distill"),
-                ("schedule", self.schedule in ("cosine", "wsd"), "is cosine or wsd"),
-                ("device", self.device in ("auto", "cpu", "cuda"), "is auto, cpu or cuda"),
-                ("parallel", self.parallel in ("dp", "fsdp"), "is dp or fsdp"),
+        return [("stage", self.stage in STAGE_SECTIONS, "one of pretrain, extend, sft, grpo, distill"),
+                ("schedule", self.schedule in ("cosine", "wsd"), "cosine or wsd"),
+                ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+                ("parallel", self.parallel in ("dp", "fsdp"), "dp or fsdp"),
                 ("expert_parallel", self.expert_parallel >= 1, ">= 1"),
                 ("expert_parallel", self.expert_parallel == 1 or self.stage != "grpo",
                  "1 for GRPO (rollouts of different lengths on each process cannot share experts)"),
@@ -147,10 +162,11 @@ class TrainConfig:
                 ("max_seconds", self.max_seconds is None or self.max_seconds >= 0, ">= 0 (or unset: no limit)"),
                 ("lr", self.lr > 0, "> 0"), ("save_every", self.save_every > 0, "> 0"),
                 ("keep_last", self.keep_last > 0, "> 0"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-                ("data", bool(self.data) or self.tasks is not None, "lists files (or `tasks` names a task recipe)"),
-                ("init", self.stage != "grpo" or self.init is not None, "is set for GRPO (the model to train)"),
+                ("data", bool(self.data) or self.tasks is not None, "a list of files (or `tasks` a task recipe)"),
+                ("init", self.stage not in ("grpo", "extend") or self.init is not None,
+                 "set for GRPO and context extension (the model to train)"),
                 ("tasks", self.stage not in ("grpo", "distill") or self.tasks is not None,
-                 "names a task recipe (the prompts)")]
+                 "a task recipe (the prompts)")]
 
     def validate(self, source: str = "settings") -> "TrainConfig":
         """The shared rules, then those of each section this stage uses."""
@@ -164,8 +180,9 @@ class TrainConfig:
         return self
 
 
-SECTIONS = {"moe": MoESettings, "grpo": GRPOSettings, "distill": DistillSettings}
-STAGE_SECTIONS = {"pretrain": ("moe",), "sft": ("moe",), "grpo": ("grpo",), "distill": ("moe", "distill")}
+SECTIONS = {"moe": MoESettings, "grpo": GRPOSettings, "distill": DistillSettings, "extend": ExtendSettings}
+STAGE_SECTIONS = {"pretrain": ("moe",), "extend": ("moe", "extend"), "sft": ("moe",), "grpo": ("grpo",),
+                  "distill": ("moe", "distill")}
 SHARED = {f.name for f in dataclasses.fields(TrainConfig) if f.name not in SECTIONS}
 RENAMED = {("distill", "group_size"): "samples"}  # flat name in a stage -> the field of its section
 
