@@ -1,7 +1,9 @@
 """GGUF export: a model directory as one file that llama.cpp (and so Ollama and LM Studio) runs.
 
 llama.cpp runs DeepSeek-V2/V3/R1 as its `deepseek2` architecture; this writes what its own converter
-(convert_hf_to_gguf.py, `DeepseekV2Model`) writes for an official checkpoint, with the `gguf` package:
+(convert_hf_to_gguf.py, `DeepseekV2Model`) writes for an official checkpoint, with the `gguf` package (for the demo's
+model, told that its tokenizer is DeepSeek-V3's, the converter's file holds the same tensors byte for byte and the
+same architecture and tokenizer keys):
 
 * hyper-parameters under `deepseek2.*`; MLA is stored as one-KV-head attention over the latent
   (key length d_c + d_h^R, value length d_c) plus the per-head sizes (`*_length_mla`);
@@ -54,8 +56,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f32") ->
 
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCH])
+        writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(model_dir.resolve().name)
         writer.add_file_type(ftype)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_sampling(writer, model_dir)
         _add_hparams(writer, cfg)
         _add_tokenizer(writer, model_dir, cfg)
         types = {}
@@ -68,6 +73,16 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f32") ->
         writer.close()
     return {"tensors": len(types), "bytes": out.stat().st_size,
             "types": {q.name: sum(v == q for v in types.values()) for q in set(types.values())}}
+
+
+def _add_sampling(w: gguf.GGUFWriter, model_dir: Path) -> None:
+    """generation_config.json's temperature and top-p, as llama.cpp's default sampling."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if isinstance(config.get("temperature"), (int, float)):
+        w.add_sampling_temp(config["temperature"])
+    if isinstance(config.get("top_p"), (int, float)):
+        w.add_sampling_top_p(config["top_p"])
 
 
 def _check_exportable(cfg: ModelConfig, model_dir: Path) -> None:
@@ -144,6 +159,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, model_dir: Path, cfg: ModelConfig) -> Non
     w.add_eos_token_id(tok.eos_id)
     w.add_pad_token_id(tok.pad_id)
     w.add_add_bos_token(bool(config.get("add_bos_token", True)))
+    w.add_add_sep_token(False)
     w.add_add_eos_token(False)
     w.add_chat_template(config.get("chat_template") or CHAT_TEMPLATE)
 
