@@ -45,7 +45,9 @@ class ExportError(NanoseekError):
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f32") -> dict:
-    """Write `out` (atomically) from the model directory; returns a summary (tensors, bytes, type)."""
+    """Write `out` (atomically) from the model directory; returns a summary (tensors, bytes, types). The model is
+    loaded whole in fp32: right for the models trained here, not for a 671B checkpoint (llama.cpp's own converter
+    reads one lazily)."""
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     model_dir, out = Path(model_dir), Path(out)
