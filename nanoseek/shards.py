@@ -3,8 +3,8 @@
 A shard directory holds `index.json` and, per shard, `NNNNN.tokens.bin` (uint16 or uint32, memory-mapped) with
 documents packed back to back, each followed by the end-of-sentence id; SFT data also has `NNNNN.mask.bin` (uint8,
 1 where the token is a target the loss should count: the assistant's reply and its end-of-sentence). Training
-windows are seq_len + 1 consecutive tokens of one shard (x = window[:-1], y = window[1:]), visited in a fresh
-permutation every epoch; the loader's state is (epoch, cursor), so a resumed run sees exactly the same batches.
+windows are seq_len + 1 consecutive tokens of one shard (x = window[:-1], y = window[1:]), one every seq_len tokens
+or one at each document's start, visited in a fresh permutation every epoch; the loader's state is (epoch, cursor), so a resumed run sees exactly the same batches.
 """
 
 from __future__ import annotations
@@ -101,16 +101,26 @@ class BatchLoader:
     global batch, so all processes together see what one process would."""
 
     def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, documents: bool = False):
+        """documents=True: a window starts at every document's start (one no longer than the window is seen whole,
+        then what follows it), not every seq_len tokens: for long documents that must be read to their end."""
         self.shards, self.batch_size, self.seq_len, self.seed = shards, batch_size, seq_len, seed
         self.rank, self.world = rank, world
         self.windows = np.array([(i, start) for i, t in enumerate(shards.tokens)
-                                 for start in range(0, len(t) - seq_len, seq_len)], dtype=np.int64).reshape(-1, 2)
+                                 for start in self.starts(t, documents)], dtype=np.int64).reshape(-1, 2)
         if len(self.windows) < batch_size * world:
             raise DataError(f"{shards.path}: {len(self.windows)} windows of {seq_len + 1} tokens, fewer than one "
                             f"global batch ({batch_size * world}); use more data or a smaller batch/seq_len")
         self.epoch, self.cursor = 0, 0
         self._order = self._permutation()
+
+    def starts(self, tokens: np.ndarray, documents: bool) -> np.ndarray:
+        """Where the windows of one shard start."""
+        last = len(tokens) - self.seq_len  # a window needs seq_len + 1 tokens
+        if not documents:
+            return np.arange(0, last, self.seq_len)
+        starts = np.concatenate([[0], np.flatnonzero(tokens == self.shards.index["eos_id"]) + 1])
+        return starts[starts < last]
 
     def _permutation(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.windows))

@@ -51,6 +51,19 @@ def test_loader_covers_every_window_once_per_epoch_and_resumes_exactly(tmp_path)
     assert (expected[0].y[:, :-1] == expected[0].x[:, 1:]).all()
 
 
+def test_document_windows_start_at_every_document_that_fits(tmp_path):
+    d = docs(100)
+    write_shards(d, tmp_path / "s", vocab_size=300, eos_id=1)
+    loader = BatchLoader(TokenShards(tmp_path / "s"), batch_size=4, seq_len=32, documents=True)
+    total = sum(len(ids) + 1 for ids, _ in d)
+    starts = np.cumsum([0] + [len(ids) + 1 for ids, _ in d])[:-1]
+    assert loader.windows[:, 1].tolist() == [s for s in starts if s < total - 32]
+    first = dict(zip(starts.tolist(), (ids[0] for ids, _ in d)))
+    assert all(loader.shards.tokens[0][s] == first[s] for s in loader.windows[:, 1])  # each window opens a document
+    packed = BatchLoader(TokenShards(tmp_path / "s"), batch_size=4, seq_len=32)
+    assert packed.windows[:, 1].tolist() == list(range(0, total - 32, 32))
+
+
 def test_two_ranks_split_the_global_batch(tmp_path):
     write_shards(docs(100), tmp_path / "s", vocab_size=300, eos_id=1)
     shards = TokenShards(tmp_path / "s")

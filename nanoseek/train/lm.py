@@ -55,7 +55,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.fp8:
         convert_to_fp8(model)
     loader = BatchLoader(shards, distributed.share(cfg.batch_size, "batch_size"), cfg.seq_len, seed=cfg.seed,
-                         rank=distributed.rank(), world=distributed.world())
+                         rank=distributed.rank(), world=distributed.world(), documents=cfg.windows == "documents")
     f = flops_per_token(model.cfg, cfg.seq_len)
     flops = f["training"] + (f["mtp_training"] if cfg.moe.mtp_lambda > 0 else 0.0)
     no_mtp = min(cfg.moe.mtp_lambda, cfg.moe.mtp_lambda_final) == 0  # the MTP module then gets no gradient

@@ -114,6 +114,7 @@ class TrainConfig:
     vocab_size: int = 2048  # for a tokenizer trained here ...
     tokenizer_digits: int = 3  # ... splitting numbers into runs of at most this many digits (V3: 3)
     seq_len: int = 256
+    windows: str = "packed"  # packed: a window every seq_len tokens | documents: one at each document's start
     batch_size: int = 8
     grad_accum: int = 1
     max_steps: int = 1000
@@ -152,6 +153,7 @@ class TrainConfig:
     def rules(self) -> list[Rule]:
         return [("stage", self.stage in STAGE_SECTIONS, "one of pretrain, extend, sft, grpo, distill"),
                 ("schedule", self.schedule in ("cosine", "wsd"), "cosine or wsd"),
+                ("windows", self.windows in ("packed", "documents"), "packed or documents"),
                 ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
                 ("parallel", self.parallel in ("dp", "fsdp"), "dp or fsdp"),
                 ("expert_parallel", self.expert_parallel >= 1, ">= 1"),
