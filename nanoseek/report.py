@@ -437,6 +437,48 @@ def _gain_by_steps(run: Run, plots: Path) -> list[str]:
     return lines + [f"![gain along the steps]({_save(fig, plots, 'gain_by_steps')})", ""]
 
 
+def niah_grid(report: dict, family: str = "passkey") -> tuple[list[int], list[float], np.ndarray, list[float]]:
+    """An evaluation's needle-in-a-haystack grid: (levels, depths, pass@1 (depths x levels, NaN where no problem),
+    mean prompt tokens per level), from its `by_depth` cells."""
+    cells = {tuple(k.split("/")[1:]): v for k, v in (report.get("by_depth") or {}).items() if k.split("/")[0] == family}
+    levels = sorted({int(level) for level, _ in cells})
+    depths = sorted({float(depth) for _, depth in cells})
+    grid = np.full((len(depths), len(levels)), np.nan)
+    for (level, depth), v in cells.items():
+        grid[depths.index(float(depth)), levels.index(int(level))] = v["pass@1"]
+    by_task = report.get("by_task") or {}
+    tokens = [by_task.get(f"{family}/{level}", {}).get("prompt_tokens", np.nan) for level in levels]
+    return levels, depths, grid, tokens
+
+
+def niah_figure(reports: dict[str, dict]) -> Figure:
+    """The usual NIAH heat maps, one per evaluation: prompt length across, needle depth down, pass@1 as colour."""
+    fig = _figure(1, len(reports), width=4.2 * len(reports), height=3.4)
+    for i, (label, report) in enumerate(reports.items(), 1):
+        levels, depths, grid, tokens = niah_grid(report)
+        ax = fig.add_subplot(1, len(reports), i)
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(levels)), [f"{t:,.0f}" for t in tokens], rotation=45)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("needle depth")
+        ax.set_title(label)
+        for (r, c), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(c, r, f"{v:.0%}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=fig.axes, label="pass@1")
+    return fig
+
+
+def section_niah(run: Run, plots: Path) -> list[str]:
+    """Passkey retrieval by length and depth, for the evaluations that hold such problems."""
+    reports = {e.label: e.report for e in run.evals if niah_grid(e.report)[0]}
+    if not reports:
+        return []
+    return ["## Needle in a haystack", "", "Passkey retrieval (pass@1) by prompt length and the needle's depth.", "",
+            f"![NIAH]({_save(niah_figure(reports), plots, 'niah')})", ""]
+
+
 def section_loss(run: Run, plots: Path) -> list[str]:
     stages = [s for s in run.stages if not s.is_grpo and len(s.series("loss")[0])]
     if not stages:
@@ -605,6 +647,7 @@ def write_report(run_dir: Path, mfu: float = 0.4) -> Path:
         lines += _missing("Summary", "no stage has logged a step yet")
     lines += section_notes(run)
     lines += section_evals(run, plots)
+    lines += section_niah(run, plots)
     lines += section_loss(run, plots)
     lines += section_expert_load(run, plots)
     lines += section_grpo(run, plots)

@@ -4,11 +4,14 @@ stage that writes YaRN into a model's config."""
 import json
 import random
 
+import numpy as np
 import pytest
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.errors import TrainError
 from nanoseek.evaluate import evaluate
+from nanoseek.report import niah_grid, write_report
+from nanoseek.rundir import write_json
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks import get_family
 from nanoseek.tasks.passkey import DEPTHS, FILLER, sentences
@@ -34,7 +37,7 @@ def test_a_passkey_problem_hides_its_key_at_its_depth(level):
         assert PASSKEY.score(p, f"<think> </think> <answer>{int(p.answer) + 1}</answer>") == 0.0
 
 
-def test_an_evaluation_of_passkeys_reads_by_length_and_depth(tok):
+def test_an_evaluation_of_passkeys_reads_by_length_and_depth_and_draws_the_heat_map(tok, tmp_path):
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)).eval()
     problems = [PASSKEY.generate(random.Random(i), 1 + i % 2) for i in range(12)]
     report = evaluate(model, tok, problems, params=SamplingParams(max_new_tokens=4), progress=False)
@@ -43,6 +46,14 @@ def test_an_evaluation_of_passkeys_reads_by_length_and_depth(tok):
     assert sum(r["n"] for r in report["by_depth"].values()) == len(problems)
     lengths = {k: r["prompt_tokens"] for k, r in report["by_task"].items()}
     assert lengths["passkey/2"] > lengths["passkey/1"] > 0
+    levels, depths, grid, tokens = niah_grid(report)
+    assert levels == [1, 2] and tokens == [lengths["passkey/1"], lengths["passkey/2"]]
+    assert np.isfinite(grid).sum() == len(cells) and depths == sorted({p.meta["depth"] for p in problems})
+    write_json(tmp_path / "evals" / "tiny.json", report)
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # a run directory
+    text = write_report(tmp_path).read_text()
+    assert "## Needle in a haystack" in text and (tmp_path / "plots" / "niah.png").stat().st_size > 0
 
 
 def test_extension_writes_yarn_into_the_config_and_keeps_the_weights(base, corpus, tmp_path):
