@@ -17,7 +17,8 @@ Needle-in-a-Haystack. Here, from a model pretrained at L tokens (default: the de
 The last line is the verdict, e.g. `needle retrieval at 16x: extended 96.0%, base 0.0%`. Writes --out (JSON) and
 a NIAH heat map beside it.
 
-    python benchmarks/long_context.py [--base runs/demo/pretrain/model] [--length 256] [--out runs/long-context.json]
+    python benchmarks/long_context.py [--base runs/demo/pretrain/model] [--length 256] [--steps 200 400]
+                                      [--work runs/long-context] [--out runs/long-context.json] [--reuse]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from nanoseek.data import write_jsonl
 from nanoseek.engine import Engine
 from nanoseek.evaluate import evaluate
 from nanoseek.report import niah_figure
+from nanoseek.rundir import read_metrics
 from nanoseek.sampling import SamplingParams
 from nanoseek.tasks.passkey import Passkey
 from nanoseek.tokenizer import Tokenizer
@@ -58,8 +60,11 @@ def fitting_levels(tok: Tokenizer, length: int) -> list[int]:
 
 
 def train(out: Path, init: str, levels: list[int], seq_len: int, steps: int, batch: int, seed: int,
-          held_out: set[str], **keys) -> Path:
-    """Train on 1,000 passkey problems of each of `levels` (none held out) from `init`; returns the model directory."""
+          held_out: set[str], reuse: bool, **keys) -> Path:
+    """Train on 1,000 passkey problems of each of `levels` (none held out) from `init`; returns the model directory
+    (with `reuse`, the one a former run left there)."""
+    if reuse and (out / "model" / "config.json").exists():
+        return out / "model"
     rng = random.Random(seed)
     data = out.with_suffix(".jsonl")
     problems = (PASSKEY.generate(rng, level) for level in levels for _ in range(1000))
@@ -97,6 +102,7 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=10, help="held-out problems per length and depth")
     ap.add_argument("--work", default="runs/long-context", help="where the trained models go")
     ap.add_argument("--out", default="runs/long-context.json")
+    ap.add_argument("--reuse", action="store_true", help="use the models a former run left in --work")
     args = ap.parse_args()
     work, L = Path(args.work), args.length
     tok = Tokenizer.load(args.base)
@@ -105,14 +111,14 @@ def main() -> None:
     rng = random.Random(1234)  # the held-out problems: the longest level that fits each length
     problems = {k: [PASSKEY.generate(rng, levels[k][-1]) for _ in range(args.problems * 5)] for k in lengths}
     held_out = {p.prompt for ps in problems.values() for p in ps}
-    t0 = time.perf_counter()
-    base = train(work / "base", args.base, levels["1x"], L, args.base_steps, 8, 1, held_out)
+    base = train(work / "base", args.base, levels["1x"], L, args.base_steps, 8, 1, held_out, args.reuse)
     # each phase trains on its three longest levels: long documents, as V3's extension phases do
     phase1 = train(work / "extend-4x", str(base), levels["4x"][-3:], 4 * L, args.steps[0], 4, 2, held_out,
-                   stage="extend", extend={"factor": 4, "original_length": L})
+                   args.reuse, stage="extend", extend={"factor": 4, "original_length": L})
     extended = train(work / "extend-16x", str(phase1), levels["16x"][-3:], 16 * L, args.steps[1], 1, 3, held_out,
-                     stage="extend", extend={"factor": 16})
-    train_seconds = time.perf_counter() - t0
+                     args.reuse, stage="extend", extend={"factor": 16})
+    train_seconds = sum(row.get("seconds", 0.0) for phase in ("base", "extend-4x", "extend-16x")
+                        for row in read_metrics(work / phase / "metrics.jsonl"))  # the steps' own seconds
 
     pretrained = Transformer.from_pretrained(base)
     as_is = Transformer(pretrained.cfg.replace(max_position_embeddings=16 * L))  # plain RoPE, read past L
@@ -130,7 +136,7 @@ def main() -> None:
             evals.setdefault(name, {"by_depth": {}, "by_task": {}})
             evals[name]["by_depth"].update(r["by_depth"])
             evals[name]["by_task"].update(r["by_task"])
-    speeds = {k: speed(extended_model, tok, n - 40) for k, n in lengths.items()}
+    speeds = {k: speed(extended_model, tok, n - 80) for k, n in lengths.items()}  # room for the new tokens
     cache = kv_cache_bytes_per_token(extended_model.cfg, 4)
     out = {"base_model": args.base, "length": L, "levels": levels, "train_seconds": train_seconds,
            "retrieval": results, "speed": speeds, "cache_bytes_per_token": cache}
