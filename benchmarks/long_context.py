@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--base", default="runs/demo/pretrain/model", help="a model pretrained at --length tokens")
     ap.add_argument("--length", type=int, default=256, help="L, the length the base was pretrained at")
     ap.add_argument("--base-steps", type=int, default=900)
-    ap.add_argument("--steps", type=int, nargs=2, default=[200, 150], help="steps of the 4L and 16L phases")
+    ap.add_argument("--steps", type=int, nargs=2, default=[200, 400], help="steps of the 4L and 16L phases")
     ap.add_argument("--problems", type=int, default=10, help="held-out problems per length and depth")
     ap.add_argument("--work", default="runs/long-context", help="where the trained models go")
     ap.add_argument("--out", default="runs/long-context.json")
