@@ -109,6 +109,8 @@ def main() -> None:
     tok = Tokenizer.load(args.base)
     lengths = {"1x": L, "4x": 4 * L, "16x": 16 * L}
     levels = {k: fitting_levels(tok, n) for k, n in lengths.items()}
+    if not levels["1x"]:
+        raise SystemExit(f"error: no passkey problem fits in --length {L} tokens with {args.base}'s tokenizer")
     rng = random.Random(1234)  # the held-out problems: the longest level that fits each length
     problems = {k: [PASSKEY.generate(rng, levels[k][-1]) for _ in range(args.problems * 5)] for k in lengths}
     held_out = {p.prompt for ps in problems.values() for p in ps}
