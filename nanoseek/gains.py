@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .data import read_jsonl
 from .evaluate import paired_gain, standard_error
-from .rundir import read_state
+from .rundir import TOOL_USE, read_state
 from .tasks import Mixture
 
 
@@ -97,7 +97,7 @@ def summary(run_dir: Path) -> list[str]:
             student, teacher = evals[e["name"]]["pass@1"], evals[e["teacher"]]["pass@1"]
             share = f"{student / teacher:.0%}" if teacher > 0 else "-"
             lines.append(f"  {e['name']}: {student:.1%}, {share} of its teacher {e['teacher']}'s {teacher:.1%}")
-    if (path := run_dir / "tool_use.json").exists():
+    if (path := run_dir / TOOL_USE).exists():
         tools = json.loads(path.read_text())
         with_, without = tools["with_tools"], tools["without_tools"]
         lines.append(f"Tool use of the exported model ({with_['n']} held-out products, greedy): with the calculator "

@@ -34,14 +34,13 @@ import yaml
 
 from .data import build_corpus, cut_steps, read_jsonl, write_jsonl
 from .errors import TrainError
-from .rundir import PIPELINE_STATE, STAGES, atomic_dir, read_state, write_json
+from .rundir import PIPELINE_STATE, STAGES, TOOL_USE, atomic_dir, read_state, write_json
 from .tasks import Mixture, get_family, resolve_recipe
 from .tasks.base import answer_only
 from .train import run as run_stage
 from .train.recipe import load_config
 from .gains import level_scores
 
-TOOL_USE = "tool_use.json"  # the exported model's tool use, with the tools and without (gains.summary prints it)
 ACCEPTANCE_N = 100  # held-out problems decoded speculatively to measure the MTP module's acceptance rate
 
 

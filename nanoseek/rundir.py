@@ -28,6 +28,7 @@ from .errors import DataError, TrainError
 
 STAGES = ("pretrain", "extend", "sft", "grpo", "distill")  # the training stages, in pipeline order
 PIPELINE_STATE = "pipeline.json"
+TOOL_USE = "tool_use.json"  # a pipeline's tool-use evaluation of its exported model (with `tool_tasks`)
 METRICS = "metrics.jsonl"
 
 
