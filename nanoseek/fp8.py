@@ -12,8 +12,10 @@ multiples of 128 are zero-padded, so a tile or block may be partial. Products ar
 GEMM is emulated (CPU, and CUDA without blockwise FP8 support), each operand is quantised to E4M3, dequantised to
 fp32 and multiplied in fp32, i.e. full fp32 accumulation, which the paper's promotion of partial sums to CUDA cores
 every 128 elements approximates on tensor cores. On sm90 with torch's blockwise `F.scaled_mm` (cuBLAS, CUDA >=
-12.9) the dense Linear's GEMMs run as real FP8 GEMMs when M, N and K are multiples of 128. The high-precision
-activation x is kept for Wgrad, which re-tiles it along the tokens.
+12.9) the dense Linear's GEMMs run as real FP8 GEMMs when M, N and K are multiples of 128 (`gemm="auto"`). With
+`gemm="scaled_mm"` every GEMM takes real E4M3 operands through torch's row-wise `torch._scaled_mm` (which the CPU
+has), one call per 128-wide slice of K whose fp32 partial sums are added: V3's promotion every 128 elements. The
+high-precision activation x is kept for Wgrad, which re-tiles it along the tokens.
 
 `convert_to_fp8(model)` applies this from outside the model: the nn.Linear layers of MLA (q_a/q_b/q_proj,
 kv_a_proj_with_mqa, kv_b_proj, o_proj) and of the SwiGLU MLPs (dense layers and shared experts) become `FP8Linear`,
@@ -25,6 +27,8 @@ weights), so checkpoints and optimiser states are unaffected.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,9 @@ TILE, BLOCK = (1, 128), (128, 128)  # activation tiles and weight blocks, (rows,
 # config.json of the official FP8 checkpoints
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "weight_block_size": list(BLOCK)}
+# how the FP8 GEMMs run: auto (blockwise cuBLAS where it exists, else emulated) | emulated | scaled_mm (row-wise
+# torch._scaled_mm per 128-wide K slice)
+GEMMS = ("auto", "emulated", "scaled_mm")
 
 
 # ---- block quantisation --------------------------------------------------------------------------------------------
@@ -103,11 +110,28 @@ def _blockwise_cuda(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) ->
             and out_dtype in (torch.bfloat16, torch.float32) and all(d % 128 == 0 for d in dims))
 
 
+def _scaled_mm_by_k(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                    b_block: tuple[int, int]) -> torch.Tensor:
+    """Real FP8 GEMMs without a blockwise kernel: for each 128-wide slice of K, a's tile scales are one per row (M, 1)
+    and b's block scales one per row of b (1, N), which row-wise `torch._scaled_mm` takes; its fp32 results are
+    summed. a (M, K), b (N, K) E4M3 -> fp32 (M, N)."""
+    (M, K), N = a.shape, b.shape[0]
+    b_rows = b_scale.repeat_interleave(b_block[0], 0)[:N]  # (N, ceil(K/128)): each row's scale in each K slice
+    out = torch.zeros(M, N, device=a.device)
+    for j, k in enumerate(range(0, K, 128)):
+        out += torch._scaled_mm(a[:, k:k + 128].contiguous(), b[:, k:k + 128].contiguous().t(),
+                                scale_a=a_scale[:, j:j + 1].contiguous(), scale_b=b_rows[:, j][None].contiguous(),
+                                out_dtype=torch.float32)
+    return out
+
+
 def _mm(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], b_block: tuple[int, int],
-        out_dtype: torch.dtype) -> torch.Tensor:
+        out_dtype: torch.dtype, gemm: str = "auto") -> torch.Tensor:
     """a b^T with a = (E4M3 (M, K), 1x128 tile scales) and b = (E4M3 (N, K), scales per `b_block`) -> (M, N)."""
     (a, a_scale), (b, b_scale) = a, b
-    if _blockwise_cuda(a, b, out_dtype):  # untested here: needs an H100-class GPU
+    if gemm == "scaled_mm":
+        return _scaled_mm_by_k(a, a_scale, b, b_scale, b_block).to(out_dtype)
+    if gemm == "auto" and _blockwise_cuda(a, b, out_dtype):  # untested here: needs an H100-class GPU
         tile = F.ScalingType.BlockWise1x128
         a_scale = a_scale.t().contiguous().t()  # cuBLAS wants 1x128 scales M-major
         if b_block == TILE:
@@ -119,10 +143,14 @@ def _mm(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tenso
     return (dequantize_tiles(a, a_scale) @ dequantize(b, b_scale, b_block).T).to(out_dtype)
 
 
-def _block_gemm(a, b, counts: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def _block_gemm(a, b, counts: torch.Tensor | None, out_dtype: torch.dtype, gemm: str) -> torch.Tensor:
     """a b^T for b = (E4M3, scales) in 128x128 blocks, (N, K) or per expert (E, N, K) with `counts` rows of a each."""
     if counts is None:
-        return _mm(a, b, BLOCK, out_dtype)
+        return _mm(a, b, BLOCK, out_dtype, gemm)
+    if gemm == "scaled_mm":
+        rows = counts.tolist()
+        return torch.cat([_mm(a_e, b_e, BLOCK, out_dtype, gemm)
+                          for a_e, b_e in zip(zip(*(t.split(rows) for t in a)), zip(*b))])
     return grouped_linear(dequantize_tiles(*a), dequantize_blocks(*b), counts).to(out_dtype)
 
 
@@ -131,49 +159,50 @@ class _FP8Linear(torch.autograd.Function):
     sorted by expert, `counts` (E,) rows each."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor | None, gemm: str) -> torch.Tensor:
         w = quantize_blocks(weight)  # (E?, N, K), (E?, ceil(N/128), ceil(K/128))
         ctx.save_for_backward(x, *w, counts)
-        ctx.weight_dtype = weight.dtype
-        return _block_gemm(quantize_tiles(x), w, counts, x.dtype)  # Fprop: (M, N)
+        ctx.weight_dtype, ctx.gemm = weight.dtype, gemm
+        return _block_gemm(quantize_tiles(x), w, counts, x.dtype, gemm)  # Fprop: (M, N)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w_fp8, w_scale, counts = ctx.saved_tensors  # x (M, K), dy (M, N)
         dx = dw = None
         if ctx.needs_input_grad[0]:  # Dgrad dx = dy W: K is N, so dy in tiles along N and W^T's blocks
-            dx = _block_gemm(quantize_tiles(dy), (w_fp8.mT, w_scale.mT), counts, x.dtype)
+            dx = _block_gemm(quantize_tiles(dy), (w_fp8.mT, w_scale.mT), counts, x.dtype, ctx.gemm)
         if ctx.needs_input_grad[1]:  # Wgrad dW = dy^T x: K is the tokens, tiled per expert
             rows = [len(x)] if counts is None else counts.tolist()
-            dw = torch.stack([_mm(quantize_tiles(dy_e.T), quantize_tiles(x_e.T), TILE, ctx.weight_dtype)
+            dw = torch.stack([_mm(quantize_tiles(dy_e.T), quantize_tiles(x_e.T), TILE, ctx.weight_dtype, ctx.gemm)
                               for dy_e, x_e in zip(dy.split(rows), x.split(rows))]).view(w_fp8.shape)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "auto") -> torch.Tensor:
     """F.linear(x, weight) in FP8: x (..., K), weight (N, K) -> (..., N)."""
-    return _FP8Linear.apply(x.reshape(-1, x.shape[-1]), weight, None).view(*x.shape[:-1], weight.shape[0])
+    return _FP8Linear.apply(x.reshape(-1, x.shape[-1]), weight, None, gemm).view(*x.shape[:-1], weight.shape[0])
 
 
-def fp8_grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def fp8_grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, gemm: str = "auto") -> torch.Tensor:
     """`moe.grouped_linear` in FP8: rows of x (M, in) sorted by expert, counts (E,), w (E, out, in) -> (M, out).
-    Per-expert 128x128 weight blocks, Wgrad token tiles restart at each expert; Fprop and Dgrad are emulated on
-    every device (dequantised operands through `grouped_linear`)."""
-    return _FP8Linear.apply(x, w, counts)
+    Per-expert 128x128 weight blocks, Wgrad token tiles restart at each expert; Fprop and Dgrad are emulated
+    (dequantised operands through `grouped_linear`) unless `gemm="scaled_mm"`."""
+    return _FP8Linear.apply(x, w, counts, gemm)
 
 
 class FP8Linear(nn.Linear):
     """nn.Linear whose GEMMs run in FP8; same parameters, so the state dict is unchanged."""
+    gemm = "auto"  # see GEMMS
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, gemm: str = "auto") -> "FP8Linear":
         with torch.device("meta"):
             fp8 = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        fp8.weight, fp8.bias = linear.weight, linear.bias
+        fp8.weight, fp8.bias, fp8.gemm = linear.weight, linear.bias, gemm
         return fp8.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight)
+        y = fp8_linear(x, self.weight, self.gemm)
         return y if self.bias is None else y + self.bias
 
 
@@ -199,15 +228,19 @@ def fp8_weight_names(model: nn.Module) -> set[str]:
     return names
 
 
-def convert_to_fp8(model: nn.Module) -> nn.Module:
-    """Run the GEMMs of `fp8_modules(model)` in FP8, in place; returns the model."""
+def convert_to_fp8(model: nn.Module, gemm: str = "auto") -> nn.Module:
+    """Run the GEMMs of `fp8_modules(model)` in FP8 (the way `gemm` says, see GEMMS), in place; returns the model."""
+    if gemm not in GEMMS:
+        raise TrainError(f"fp8_gemm: {gemm!r} is not one of {', '.join(GEMMS)}")
     modules = fp8_modules(model)
     if not modules:
         raise TrainError(f"fp8: {type(model).__name__} has no attention or feed-forward layers to run in FP8")
     for name, module in modules.items():
         if isinstance(module, Experts):
-            module.grouped_linear = fp8_grouped_linear
-        elif not isinstance(module, FP8Linear):
+            module.grouped_linear = functools.partial(fp8_grouped_linear, gemm=gemm)
+        elif isinstance(module, FP8Linear):
+            module.gemm = gemm
+        else:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, FP8Linear.from_linear(module))
+            setattr(model.get_submodule(parent), child, FP8Linear.from_linear(module, gemm))
     return model

@@ -77,33 +77,37 @@ def by_hand(x, w, dy):
     return y, dx, dw
 
 
+@pytest.mark.parametrize("gemm", ["emulated", "scaled_mm"])  # dequantised fp32 GEMMs; real E4M3 ones by K slice
 @pytest.mark.parametrize("K, N", [(64, 96), (200, 130)])
-def test_fp8_linear_three_gemms_match_by_hand_emulation_and_stay_near_fp32(K, N):
+def test_fp8_linear_three_gemms_match_by_hand_emulation_and_stay_near_fp32(K, N, gemm):
     x = torch.randn(3, 50, K, requires_grad=True)  # 150 tokens: two token tiles for Wgrad, the second partial
     w = (torch.randn(N, K) * 0.05).requires_grad_()
     dy = torch.randn(3, 50, N)
-    y = fp8_linear(x, w)
+    y = fp8_linear(x, w, gemm)
     y.backward(dy)
     ref = by_hand(x.detach().view(-1, K), w.detach(), dy.view(-1, N))
+    atol = 1e-6 if gemm == "emulated" else 1e-5  # K slices summed apart: fp32 additions in another order
     for got, want in zip((y.detach().view(-1, N), x.grad.view(-1, K), w.grad), ref):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
     exact = (x.detach() @ w.detach().T, dy @ w.detach(), dy.view(-1, N).T @ x.detach().view(-1, K))
     for got, want in zip((y, x.grad, w.grad), exact):
         assert 1e-4 < rel(got.detach(), want) < 5e-2  # FP8 error: present, and small
 
 
-def test_fp8_grouped_linear_tiles_tokens_per_expert():
+@pytest.mark.parametrize("gemm", ["emulated", "scaled_mm"])
+def test_fp8_grouped_linear_tiles_tokens_per_expert(gemm):
     counts = torch.tensor([130, 0, 5])  # expert 0 spans two token tiles, expert 1 gets no tokens
     x = torch.randn(int(counts.sum()), 200, requires_grad=True)
     w = (torch.randn(3, 72, 200) * 0.05).requires_grad_()
     dy = torch.randn(len(x), 72)
-    y = fp8_grouped_linear(x, w, counts)
+    y = fp8_grouped_linear(x, w, counts, gemm)
     y.backward(dy)
     rows = counts.tolist()
     ref = [by_hand(xe, we, dye) for xe, we, dye in zip(x.detach().split(rows), w.detach(), dy.split(rows))]
-    torch.testing.assert_close(y.detach(), torch.cat([r[0] for r in ref]), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad, torch.cat([r[1] for r in ref]), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w.grad, torch.stack([r[2] for r in ref]), rtol=1e-5, atol=1e-6)
+    atol = 1e-6 if gemm == "emulated" else 1e-5
+    torch.testing.assert_close(y.detach(), torch.cat([r[0] for r in ref]), rtol=1e-5, atol=atol)
+    torch.testing.assert_close(x.grad, torch.cat([r[1] for r in ref]), rtol=1e-5, atol=atol)
+    torch.testing.assert_close(w.grad, torch.stack([r[2] for r in ref]), rtol=1e-5, atol=atol)
     assert w.grad[1].abs().max() == 0
 
 
@@ -124,7 +128,8 @@ def test_convert_swaps_exactly_the_modules_v3_runs_in_fp8():
     assert convert_to_fp8(model) is model
     swapped = sorted(name for name, m in model.named_modules() if isinstance(m, FP8Linear))
     assert swapped == sorted(FP8_LINEARS)
-    assert all(m.grouped_linear is fp8_grouped_linear for m in (model.layers[1].mlp.experts, model.mtp[0].mlp.experts))
+    assert all(m.grouped_linear.func is fp8_grouped_linear and m.grouped_linear.keywords == {"gemm": "auto"}
+               for m in (model.layers[1].mlp.experts, model.mtp[0].mlp.experts))
     # high precision: embedding, head, gate, norms, MTP's eh_proj
     assert type(model.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear
     assert type(model.mtp[0].eh_proj) is nn.Linear and type(model.layers[1].mlp.gate) is Gate
@@ -135,6 +140,12 @@ def test_convert_swaps_exactly_the_modules_v3_runs_in_fp8():
     assert 0 < rel(after, before) < 5e-2
     convert_to_fp8(model)  # converting again changes nothing
     assert sorted(name for name, m in model.named_modules() if isinstance(m, FP8Linear)) == swapped
+    convert_to_fp8(model, "scaled_mm")  # ... but the way the GEMMs run
+    assert {m.gemm for m in model.modules() if isinstance(m, FP8Linear)} == {"scaled_mm"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, after, rtol=1e-4, atol=1e-5)  # the same E4M3 products
+    with pytest.raises(TrainError, match="fp8_gemm: 'fast' is not one of auto, emulated, scaled_mm"):
+        convert_to_fp8(model, "fast")
 
 
 def test_plain_q_projection_converts_too():

@@ -40,6 +40,14 @@ def test_loss_falls_and_everything_is_logged(corpus, tmp_path):
     assert 0 <= summary["held_out"]["accuracy"] <= 1 and summary["held_out"]["n"] == 4
 
 
+def test_bf16_precision_autocasts_the_forward_on_cpu(corpus, tmp_path):
+    """`precision: bf16` trains under BF16 autocast (fp32 master weights) where the CPU default is fp32."""
+    run(settings(corpus, tmp_path / "fp32", max_steps=3))
+    run(settings(corpus, tmp_path / "bf16", max_steps=3, precision="bf16"))
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert fp32 != bf16 and all(abs(a / b - 1) < 0.02 for a, b in zip(fp32, bf16)), (fp32, bf16)
+
+
 def test_resume_is_bit_exact(corpus, tmp_path, monkeypatch):
     run(settings(corpus, tmp_path / "straight"))
     crash_after(monkeypatch, 6)
@@ -164,6 +172,8 @@ def test_schedules():
     (["--lrr", "1"], "unknown key 'lrr'"),
     (["--max-steps", "many"], "'max_steps' = 'many': expected int"),
     (["--schedule", "linear"], "'schedule' = 'linear'"),
+    (["--precision", "fp16"], "'precision' = 'fp16': must be auto, bf16 or fp32"),
+    (["--fp8-gemm", "fast"], "'fp8_gemm' = 'fast': must be auto, emulated or scaled_mm"),
     (["--data", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
     (["--out", "/proc/nanoseek-cannot-write"], "cannot write"),
     (["--max-steps"], "expected --key value"),

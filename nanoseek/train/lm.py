@@ -53,7 +53,7 @@ def run(cfg: TrainConfig) -> dict:
     model = build_model(cfg, tok, device)
     tok.model_max_length = model.cfg.max_position_embeddings
     if cfg.fp8:
-        convert_to_fp8(model)
+        convert_to_fp8(model, cfg.fp8_gemm)
     loader = BatchLoader(shards, distributed.share(cfg.batch_size, "batch_size"), cfg.seq_len, seed=cfg.seed,
                          rank=distributed.rank(), world=distributed.world(), documents=cfg.windows == "documents")
     f = flops_per_token(model.cfg, cfg.seq_len)

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..errors import TrainError
+from ..fp8 import GEMMS
 from ..tasks import resolve_recipe
 
 Rule = tuple[str, bool, str]  # (field, holds, what it must be)
@@ -127,7 +128,9 @@ class TrainConfig:
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    fp8: bool = False  # fine-grained FP8 GEMMs (emulated on CPU)
+    precision: str = "auto"  # the forward's autocast: auto (BF16 on CUDA, fp32 on CPU) | bf16 | fp32
+    fp8: bool = False  # fine-grained FP8 GEMMs (emulated on CPU) ...
+    fp8_gemm: str = "auto"  # ... auto | emulated | scaled_mm: real E4M3 GEMMs by K slice (fp8.GEMMS)
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the training forward (no faster on CPU: benchmarks/model_throughput.py)
@@ -153,6 +156,8 @@ class TrainConfig:
     def rules(self) -> list[Rule]:
         return [("stage", self.stage in STAGE_SECTIONS, "one of pretrain, extend, sft, grpo, distill"),
                 ("schedule", self.schedule in ("cosine", "wsd"), "cosine or wsd"),
+                ("precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+                ("fp8_gemm", self.fp8_gemm in GEMMS, ", ".join(GEMMS[:-1]) + " or " + GEMMS[-1]),
                 ("windows", self.windows in ("packed", "documents"), "packed or documents"),
                 ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
                 ("parallel", self.parallel in ("dp", "fsdp"), "dp or fsdp"),

@@ -107,6 +107,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.device = next(model.parameters()).device
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")  # autocast
         distributed.init(self.device.type)  # under torchrun: join the process group (a no-op once joined)
         self.parallel = distributed.Parallel(cfg.parallel, cfg.expert_parallel)
         self.main = distributed.is_main()
@@ -203,7 +204,7 @@ class Trainer:
         for i in range(cfg.grad_accum):
             batch = self.loader.next()
             with self.parallel.accumulating(self.forward_model, last=i == cfg.grad_accum - 1):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss, metrics, layer_loads, n = self.loss_fn(self.forward_model, batch, self.step)
                 if not torch.isfinite(loss):
                     bad = loss.item()
