@@ -38,12 +38,18 @@ def recipe(tmp_path, monkeypatch):
 
 
 def test_pipeline_runs_every_stage_and_keeps_the_held_out_problems_unseen(recipe, tmp_path, capsys):
+    extend = {"name": "extend", "stage": "extend", "init": "pretrain", "max_steps": 2, "warmup_steps": 1, **TINY,
+              "seq_len": 128, "extend": {"factor": 8, "original_length": 64}}  # YaRN, context 64 -> 512
+    pretrain, grpo, distill = RECIPE["stages"]
+    recipe.write_text(yaml.safe_dump({**RECIPE, "stages": [pretrain, extend, {**grpo, "init": "extend"}, distill]}))
     out = tmp_path / "run"
     assert main(["demo", "--recipe", str(recipe), "--out", str(out)]) == 0
     state = json.loads((out / "pipeline.json").read_text())
     assert [s["name"] for s in state["stages"]] == [
-        "data", "tokenizer", "pretrain", "eval pretrain", "grpo", "eval grpo", "distill", "eval distill", "export",
-        "eval tools", "report"]
+        "data", "tokenizer", "pretrain", "eval pretrain", "extend", "eval extend", "grpo", "eval grpo", "distill",
+        "eval distill", "export", "eval tools", "report"]
+    extended = json.loads((out / "grpo" / "model" / "config.json").read_text())  # GRPO trained the extended model
+    assert extended["rope_scaling"]["factor"] == 8.0 and extended["max_position_embeddings"] == 512
     corpus = read_jsonl(out / "data" / "corpus.jsonl")
     train = {p.prompt for p in corpus}
     tool_problems = read_jsonl(out / "data" / "tools-eval.jsonl")
