@@ -8,7 +8,7 @@ Needle-in-a-Haystack. Here, from a model pretrained at L tokens (default: the de
    L);
 1. `extended`: two phases as V3's, YaRN written into the config (`nanoseek extend`): factor 4 at 4L, then factor 16
    at 16L, each on long documents, passkey problems from a quarter of its length to the whole of it (document
-   windows: every problem read whole);
+   windows: every problem read whole); the base and the phases draw their problems' lengths log-uniformly;
 2. evaluated greedily on the same held-out passkey problems that fill L, 4L and 16L (as many filler sentences as
    fit, the answer included), five needle depths each: `base` as is, `base + YaRN` (the extended config, no
    training), and `extended`;
@@ -66,15 +66,17 @@ def fitting_sentences(tok: Tokenizer, length: int) -> int:
     return lo
 
 
-def train(out: Path, init: str, most: int, seq_len: int, steps: int, batch: int, seed: int, held_out: set[str],
-          reuse: bool, **keys) -> Path:
-    """Train on 3,000 passkey problems (none held out) of a quarter of `most` filler sentences up to `most`, from
-    `init`; returns the model directory (with `reuse`, the one a former run left there)."""
+def train(out: Path, init: str, sentences: tuple[int, int], seq_len: int, steps: int, batch: int, seed: int,
+          held_out: set[str], reuse: bool, **keys) -> Path:
+    """Train on 3,000 passkey problems (none held out) of `sentences` = (fewest, most) filler sentences, drawn
+    log-uniformly (as many of 1-2 as of 6-12: the short ones teach retrieval), from `init`; returns the model
+    directory (with `reuse`, the one a former run left there)."""
     if reuse and (out / "model" / "config.json").exists():
         return out / "model"
     rng = random.Random(seed)
     data = out.with_suffix(".jsonl")
-    problems = (PASSKEY.haystack(rng, rng.randint(max(1, most // 4), most)) for _ in range(3000))
+    lo, hi = sentences
+    problems = (PASSKEY.haystack(rng, round(lo * (hi / lo) ** rng.random())) for _ in range(3000))
     write_jsonl(data, [p for p in problems if p.prompt not in held_out])
     shutil.rmtree(out, ignore_errors=True)
     run(load_config(None, {}, init=init, data=[str(data)], seq_len=seq_len, batch_size=batch, windows="documents",
@@ -121,12 +123,12 @@ def main() -> None:
     rng = random.Random(1234)  # the held-out problems: as long as each length holds
     problems = {k: [PASSKEY.haystack(rng, most[k]) for _ in range(args.problems * 5)] for k in lengths}
     held_out = {p.prompt for ps in problems.values() for p in ps}
-    base = train(work / "base", args.base, most["1x"], L, args.base_steps, 8, 1, held_out, args.reuse)
-    # each phase trains on long documents, as V3's extension phases do
-    phase1 = train(work / "extend-4x", str(base), most["4x"], 4 * L, args.steps[0], 4, 2, held_out,
-                   args.reuse, stage="extend", extend={"factor": 4, "original_length": L})
-    extended = train(work / "extend-16x", str(phase1), most["16x"], 16 * L, args.steps[1], 1, 3, held_out,
-                     args.reuse, stage="extend", extend={"factor": 16})
+    base = train(work / "base", args.base, (1, most["1x"]), L, args.base_steps, 8, 1, held_out, args.reuse)
+    # each phase trains on long documents (a quarter of its length to all of it), as V3's extension phases do
+    phase1 = train(work / "extend-4x", str(base), (most["4x"] // 4, most["4x"]), 4 * L, args.steps[0], 4, 2,
+                   held_out, args.reuse, stage="extend", extend={"factor": 4, "original_length": L})
+    extended = train(work / "extend-16x", str(phase1), (most["16x"] // 4, most["16x"]), 16 * L, args.steps[1], 1, 3,
+                     held_out, args.reuse, stage="extend", extend={"factor": 16})
     train_seconds = sum(row.get("seconds", 0.0) for phase in ("base", "extend-4x", "extend-16x")
                         for row in read_metrics(work / phase / "metrics.jsonl"))  # the steps' own seconds
 
