@@ -7,11 +7,10 @@ Needle-in-a-Haystack. Here, from a model pretrained at L tokens (default: the de
    that fit in L), so that what fails beyond L is the length, not the task; evaluated as is (plain RoPE read past
    L);
 1. `extended`: two phases as V3's, YaRN written into the config (`nanoseek extend`): factor 4 at 4L, then factor 16
-   at 16L, each on long documents, passkey problems from a quarter of its length to the whole of it (document
-   windows: every problem read whole); the base and the phases draw their problems' lengths log-uniformly;
-2. evaluated greedily on the same held-out passkey problems that fill L, 4L and 16L (as many filler sentences as
-   fit, the answer included), five needle depths each: `base` as is, `base + YaRN` (the extended config, no
-   training), and `extended`;
+   at 16L, each on the three longest passkey levels that fit its length (document windows: every problem read
+   whole);
+2. evaluated greedily on the same held-out passkey problems at the longest level that fits in L, 4L and 16L, five
+   needle depths each: `base` as is, `base + YaRN` (the extended config, no training), and `extended`;
 3. decoding speed of the extended model on the absorbed latent cache after a prompt of each length (prefill and
    decode tokens/s), and the cache's bytes per token against the per-head cache it replaces.
 
@@ -47,36 +46,28 @@ from nanoseek.train.lm_data import chat_document
 from nanoseek.train.recipe import load_config
 
 PASSKEY = Passkey()
-SLACK = 4  # tokens of margin: a key's digits or the needle's depth may tokenise a little longer
 
 
-def fitting_sentences(tok: Tokenizer, length: int) -> int:
-    """The most filler sentences a passkey problem may hold for it (prompt, answer and end) to fit in `length`
-    tokens; 0 if none fits."""
-    def fits(n: int) -> bool:
-        p = PASSKEY.haystack(random.Random(n), n)
-        return len(chat_document(tok, p.prompt, p.solution)[0]) + 1 + SLACK <= length
-
-    lo, hi = 0, 1
-    while fits(hi):
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1:  # fits(lo), not fits(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+def fitting_levels(tok: Tokenizer, length: int) -> list[int]:
+    """The passkey levels whose problems (prompt and answer) fit in `length` tokens."""
+    levels = []
+    for level in range(1, PASSKEY.max_difficulty + 1):
+        p = PASSKEY.generate(random.Random(level), level)
+        if len(chat_document(tok, p.prompt, p.solution)[0]) + 1 > length:
+            break
+        levels.append(level)
+    return levels
 
 
-def train(out: Path, init: str, sentences: tuple[int, int], seq_len: int, steps: int, batch: int, seed: int,
+def train(out: Path, init: str, levels: list[int], seq_len: int, steps: int, batch: int, seed: int,
           held_out: set[str], reuse: bool, **keys) -> Path:
-    """Train on 3,000 passkey problems (none held out) of `sentences` = (fewest, most) filler sentences, drawn
-    log-uniformly (as many of 1-2 as of 6-12: the short ones teach retrieval), from `init`; returns the model
-    directory (with `reuse`, the one a former run left there)."""
+    """Train on 1,000 passkey problems of each of `levels` (none held out) from `init`; returns the model directory
+    (with `reuse`, the one a former run left there)."""
     if reuse and (out / "model" / "config.json").exists():
         return out / "model"
     rng = random.Random(seed)
     data = out.with_suffix(".jsonl")
-    lo, hi = sentences
-    problems = (PASSKEY.haystack(rng, round(lo * (hi / lo) ** rng.random())) for _ in range(3000))
+    problems = (PASSKEY.generate(rng, level) for level in levels for _ in range(1000))
     write_jsonl(data, [p for p in problems if p.prompt not in held_out])
     shutil.rmtree(out, ignore_errors=True)
     run(load_config(None, {}, init=init, data=[str(data)], seq_len=seq_len, batch_size=batch, windows="documents",
@@ -117,18 +108,18 @@ def main() -> None:
     work, L = Path(args.work), args.length
     tok = Tokenizer.load(args.base)
     lengths = {"1x": L, "4x": 4 * L, "16x": 16 * L}
-    most = {k: fitting_sentences(tok, n) for k, n in lengths.items()}
-    if not most["1x"]:
+    levels = {k: fitting_levels(tok, n) for k, n in lengths.items()}
+    if not levels["1x"]:
         raise SystemExit(f"error: no passkey problem fits in --length {L} tokens with {args.base}'s tokenizer")
-    rng = random.Random(1234)  # the held-out problems: as long as each length holds
-    problems = {k: [PASSKEY.haystack(rng, most[k]) for _ in range(args.problems * 5)] for k in lengths}
+    rng = random.Random(1234)  # the held-out problems: the longest level that fits each length
+    problems = {k: [PASSKEY.generate(rng, levels[k][-1]) for _ in range(args.problems * 5)] for k in lengths}
     held_out = {p.prompt for ps in problems.values() for p in ps}
-    base = train(work / "base", args.base, (1, most["1x"]), L, args.base_steps, 8, 1, held_out, args.reuse)
-    # each phase trains on long documents (a quarter of its length to all of it), as V3's extension phases do
-    phase1 = train(work / "extend-4x", str(base), (most["4x"] // 4, most["4x"]), 4 * L, args.steps[0], 4, 2,
-                   held_out, args.reuse, stage="extend", extend={"factor": 4, "original_length": L})
-    extended = train(work / "extend-16x", str(phase1), (most["16x"] // 4, most["16x"]), 16 * L, args.steps[1], 1, 3,
-                     held_out, args.reuse, stage="extend", extend={"factor": 16})
+    base = train(work / "base", args.base, levels["1x"], L, args.base_steps, 8, 1, held_out, args.reuse)
+    # each phase trains on its three longest levels: long documents, as V3's extension phases do
+    phase1 = train(work / "extend-4x", str(base), levels["4x"][-3:], 4 * L, args.steps[0], 4, 2, held_out,
+                   args.reuse, stage="extend", extend={"factor": 4, "original_length": L})
+    extended = train(work / "extend-16x", str(phase1), levels["16x"][-3:], 16 * L, args.steps[1], 1, 3, held_out,
+                     args.reuse, stage="extend", extend={"factor": 16})
     train_seconds = sum(row.get("seconds", 0.0) for phase in ("base", "extend-4x", "extend-16x")
                         for row in read_metrics(work / phase / "metrics.jsonl"))  # the steps' own seconds
 
@@ -150,7 +141,7 @@ def main() -> None:
             evals[name]["by_task"].update(r["by_task"])
     speeds = {k: speed(extended_model, tok, n - 80) for k, n in lengths.items()}  # room for the new tokens
     cache = kv_cache_bytes_per_token(extended_model.cfg, 4)
-    out = {"base_model": args.base, "length": L, "filler_sentences": most, "train_seconds": train_seconds,
+    out = {"base_model": args.base, "length": L, "levels": levels, "train_seconds": train_seconds,
            "retrieval": results, "speed": speeds, "cache_bytes_per_token": cache}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
