@@ -90,7 +90,7 @@ def main() -> None:
     variants = {f"{k} seed {s}": dict(seed=s, **change) for s in range(args.seeds) for k, change in kinds.items()}
     runs = train_variants(variants, out / "runs", resume=args.resume, **settings)
     results = {}
-    for name, (run_dir, rows) in runs.items():
+    for name, (_, rows) in runs.items():
         loss, change = final_loss(rows)
         results[name] = {"loss": loss, "lm_loss": final_loss(rows, "lm_loss")[0], "last_tenth_change": change,
                          "seconds_per_step": sorted(r["seconds"] for r in rows)[len(rows) // 2]}

@@ -37,13 +37,6 @@ def test_a_passkey_problem_hides_its_key_at_its_depth(level):
         assert PASSKEY.score(p, f"<think> </think> <answer>{int(p.answer) + 1}</answer>") == 0.0
 
 
-@pytest.mark.parametrize("n", [1, 3, 27, 490])
-def test_a_haystack_of_any_length_is_filed_under_the_level_that_holds_it(n):
-    p = PASSKEY.haystack(random.Random(n), n)
-    assert p.prompt.count(".") == n + 1 and p.prompt.endswith("What is the pass key?")
-    assert sentences(p.difficulty - 1) < n <= sentences(p.difficulty)  # the shortest level at least as long
-
-
 def test_an_evaluation_of_passkeys_reads_by_length_and_depth_and_draws_the_heat_map(tok, tmp_path):
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)).eval()
     problems = [PASSKEY.generate(random.Random(i), 1 + i % 2) for i in range(12)]

@@ -2,15 +2,13 @@
 
 The test of Mohtashami & Jaggi (2023) that long-context work (YaRN, DeepSeek-V3 section 4.3) reports: the filler
 repeats "The grass is green. The sky is blue. ...", the needle is "The pass key is 73913.", and the model must
-answer the number. Level d holds 2^(d-1) filler sentences (levels 1..12: 1 to 2,048); `haystack` makes a problem of
-any number of sentences (a length between two levels, e.g. one that fills a context). The needle's depth (0 = at
+answer the number. Level d holds 2^(d-1) filler sentences (levels 1..12: 1 to 2,048); the needle's depth (0 = at
 the start, 1 = at the end) is drawn from DEPTHS and kept in `meta["depth"]`, so an evaluation can be read by length
 and depth (`evaluate`'s `by_depth`).
 """
 
 from __future__ import annotations
 
-import math
 import random
 
 from .base import TaskFamily, answer_only
@@ -30,13 +28,10 @@ class Passkey(TaskFamily):
     max_difficulty = 12
 
     def make(self, rng: random.Random, difficulty: int):
-        return self.haystack(rng, sentences(difficulty))
-
-    def haystack(self, rng: random.Random, n: int):
-        """A problem of n >= 1 filler sentences, filed under the level of the shortest haystack at least as long."""
         key = rng.randint(10000, 99999)
         depth = rng.choice(DEPTHS)
+        n = sentences(difficulty)
         filler = [FILLER[i % len(FILLER)] for i in range(n)]
         at = round(depth * n)
         text = " ".join([*filler[:at], f"The pass key is {key}.", *filler[at:], "What is the pass key?"])
-        return self.problem(text, key, answer_only(key), math.ceil(math.log2(n)) + 1, depth=depth)
+        return self.problem(text, key, answer_only(key), difficulty, depth=depth)
