@@ -13,9 +13,11 @@ The decode step is one fixed-shape function (`decode_step`): the tokens, positio
 go in as tensors, the model runs its fixed-shape path (`Transformer.forward(cache_len=...)`), and the sampled
 tokens and their log-probs come out; nothing in it depends on the values of the batch. With `compile=True` it
 (and speculation's draft and verify steps) run through `torch.compile` (inductor: fused C++ kernels on the CPU,
-Triton on a GPU), two graphs per step (one row, any other number), whatever the positions; an engine of one row
-(chat) also takes inductor's faster C++ wrapper, which holds the interpreter lock through a step. The seconds spent
-compiling are counted in `warmup_seconds`, and where compilation fails the engine warns once and decodes eagerly.
+Triton on a GPU), two graphs per step (one row, any other number), whatever the positions, through inductor's C++
+wrapper, which holds the interpreter lock through a step; an engine that shares the process with other Python
+threads (`threaded`: the server's HTTP layer) takes its Python wrapper where it has more than one row. The seconds
+spent compiling are counted in `warmup_seconds`, and where compilation fails the engine warns once and decodes
+eagerly.
 
 With `speculative=True` the MTP module drafts one token per step and the main model checks it in the same forward
 (two tokens per row): greedy output is identical to plain greedy, sampled output keeps its distribution
@@ -34,6 +36,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch._dynamo.utils import counters
@@ -90,6 +93,17 @@ class _Sequence:
     def uniform(self) -> float:
         """The next uniform number of this request's own generator (none is used when greedy)."""
         return 0.0 if self.params.greedy else float(torch.rand((), generator=self.generator))
+
+
+class _StepInputs(NamedTuple):
+    """A plain decode step's inputs, carried to the next step while the same rows decode: the sampled tokens go
+    back in as they came out and the positions move up by one, so a step builds no tensors of its own."""
+    rows: list[_Sequence]
+    tokens: torch.Tensor  # (n, 1): each row's pending token
+    pos: torch.Tensor  # (n,): where it goes
+    settings: RowSettings
+    cache: list[LatentCache]  # views of the main layers' rows 0..n-1
+    cache_len: int  # no row reaches past this position - 1
 
 
 def uniforms(rows: list[_Sequence], device) -> torch.Tensor:
@@ -169,13 +183,14 @@ def compiled(fn, cpp_wrapper: bool = False):
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 16, max_len: int | None = None,
-                 speculative: bool = False, compile: bool = False, prefill_chunk: int = 512):
+                 speculative: bool = False, compile: bool = False, prefill_chunk: int = 512, threaded: bool = False):
         self.model, self.tok = model.eval(), tokenizer
         self.max_len = max_len or model.cfg.max_position_embeddings
         self.max_batch = max_batch
         if speculative and not model.mtp:
             raise SamplingError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1)")
         self.speculative, self.compile, self.prefill_chunk = speculative, compile, prefill_chunk
+        self.cpp_wrapper = max_batch == 1 or not threaded  # one row at a time: nothing else waits on the lock
         self.cache = model.new_cache(max_batch, self.max_len, mtp=speculative)
         self.active: list[_Sequence] = []
         self.waiting: deque[_Sequence] = deque()
@@ -184,15 +199,18 @@ class Engine:
         self.grammars: Grammars | None = None  # built with the first request that has a grammar
         self.reused_prompt_tokens = 0  # not computed again: copies of a repeated prompt, a prefix shared at prefill
         self.warmup_seconds = 0.0  # spent compiling (calls that built a new graph)
+        self._next: _StepInputs | None = None  # the next plain step's tensors while the batch stays the same
+        self._zero_u = torch.zeros(0)
 
     def warmup(self, params: list[SamplingParams] | None = None) -> float:
         """With `compile`: build the steps' graphs (for one row and for several, for each way of sampling that
-        `params` need; default both: plain and truncated) before a request waits on them. Returns the seconds."""
+        `params` need; default both: plain and truncated) before a request waits on them. Returns the seconds. The
+        graph for several rows is built at `max_batch` rows: inductor tunes its kernels for the sizes it sees first."""
         spent = self.warmup_seconds
         if self.compile:
             for p in params or [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9)]:
                 few = replace(p, max_new_tokens=4, ignore_eos=True, stop=[], seed=0)
-                for rows in sorted({min(2, self.max_batch), 1}, reverse=True):
+                for rows in sorted({self.max_batch, 1}, reverse=True):
                     self.generate([[0, 1]] * rows, few)
             self.drafted = self.accepted = 0
         return self.warmup_seconds - spent
@@ -267,8 +285,8 @@ class Engine:
             return step(*args)
         graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
         try:
-            with fx_config.patch(use_duck_shape=False):  # one row at a time: nothing else waits on the lock
-                out = compiled(step, cpp_wrapper=self.max_batch == 1)(*args)
+            with fx_config.patch(use_duck_shape=False):
+                out = compiled(step, self.cpp_wrapper)(*args)
         except Exception as e:  # no C++ compiler, an operator inductor cannot lower, ...
             warnings.warn(f"compiling {step.__name__} failed, decoding eagerly: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}", stacklevel=3)
@@ -383,19 +401,29 @@ class Engine:
 
     def _decode(self) -> list[Event]:
         rows = list(self.active)
-        tokens, pos, settings = self._inputs(rows, [[s.pending] for s in rows])
-        u = uniforms(rows, self.device)
-        cache_len = max(s.pos for s in rows) + 1
-        token, logprob, hidden, logits = self._run(decode_step, self.model, tokens, pos, self._rows(0, len(rows))[0],
-                                                   cache_len, settings, u, self._allowed(rows))
+        if self._next is None or self._next.rows != rows:  # the batch changed since the last plain step
+            tokens, pos, settings = self._inputs(rows, [[s.pending] for s in rows])
+            self._next = _StepInputs(rows, tokens, pos, settings, self._rows(0, len(rows))[0],
+                                     max(s.pos for s in rows) + 1)
+        n = self._next
+        u = self._zeros(len(rows)) if all(s.params.greedy for s in rows) else uniforms(rows, self.device)
+        token, logprob, hidden, logits = self._run(decode_step, self.model, n.tokens, n.pos, n.cache, n.cache_len,
+                                                   n.settings, u, self._allowed(rows))
+        self._next = n._replace(tokens=token[:, None], pos=n.pos + 1, cache_len=n.cache_len + 1)
         events = []
-        for seq, h, t, lp, row in zip(rows, hidden, token.tolist(), logprob.tolist(), logits):
+        for i, (seq, t, lp) in enumerate(zip(rows, token.tolist(), logprob.tolist())):
             seq.pos += 1
             seq.prev = seq.pending
             if self.speculative:  # the MTP draft reads the last two hidden states
-                seq.hidden = torch.stack([seq.hidden[-1], h])
-            events += self._record(seq, t, lp, row)
+                seq.hidden = torch.stack([seq.hidden[-1], hidden[i]])
+            events += self._record(seq, t, lp, logits[i] if seq.params.logprobs is not None else None)
         return events
+
+    def _zeros(self, n: int) -> torch.Tensor:
+        """(n,) zeros: the uniform numbers of greedy rows (none is drawn), kept from step to step."""
+        if self._zero_u.shape[0] != n:
+            self._zero_u = torch.zeros(n, device=self.device)
+        return self._zero_u
 
     def _decode_speculative(self) -> list[Event]:
         """MTP drafts t_{p+1} from (h_{p-1}, pending t_p); the main model takes [t_p, draft] at [p, p + 1] and its
@@ -403,6 +431,7 @@ class Engine:
         entries 0..p-1 and MTP entries (h_i, t_{i+1}) for i <= p-3; the draft call writes entries p-2 and p-1 (p-2
         is new after an accepted draft, else rewritten unchanged), so every model call covers the whole batch."""
         rows = list(self.active)
+        self._next = None  # positions move by one or two tokens a row here
         main, mtp = self._rows(0, len(rows))
         pending, pos, settings = self._inputs(rows, [[s.prev, s.pending] for s in rows])
         h = torch.stack([s.hidden for s in rows])  # (n, 2, D): h_{p-2}, h_{p-1}
@@ -436,9 +465,9 @@ class Engine:
         return events
 
     # ---- tokens in, events out -----------------------------------------------------------------------------------
-    def _record(self, seq: _Sequence, token: int, logprob: float, logits: torch.Tensor) -> list[Event]:
+    def _record(self, seq: _Sequence, token: int, logprob: float, logits: torch.Tensor | None) -> list[Event]:
         """Append a token (and its log-prob, see sampling.log_probs; with `params.logprobs` also the model's own,
-        from the logits (V,) it was drawn from) and check the stop conditions."""
+        from the logits (V,) it was drawn from, which may be None without) and check the stop conditions."""
         if seq.c.finish_reason is not None:
             return []
         seq.c.token_ids.append(token)

@@ -259,12 +259,13 @@ def test_top_k_and_top_p_cut_the_distribution():
 @pytest.mark.slow
 def test_compiled_steps_give_the_eager_tokens(model, cyclic_model, tok):
     """torch.compile'd decode, draft and verify steps: the same greedy tokens and log-probs as eager, at batch 1
-    (gathered experts) and 5 (all experts), plain and speculative; the compile seconds are counted."""
+    and 5, plain and speculative, through inductor's C++ wrapper and (plain, 5 rows, a `threaded` engine) its Python
+    wrapper; the compile seconds are counted."""
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     for m, speculative in ((model, False), (cyclic_model, True)):
         for prompts in (PROMPTS[:1], PROMPTS):
             eager, fast = (Engine(m, tok, max_batch=len(prompts), max_len=64, speculative=speculative,
-                                  compile=compile) for compile in (False, True))
+                                  compile=compile, threaded=not speculative) for compile in (False, True))
             fast.warmup([params])
             assert fast.drafted == 0 and not fast.has_work()
             expected, got = eager.generate(prompts, params), fast.generate(prompts, params)
