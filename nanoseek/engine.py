@@ -375,8 +375,21 @@ class Engine:
         """Draw each row's next token from its logits (n, V) with the row's own settings and generator."""
         u = uniforms(rows, self.device)
         tokens, logprobs = sample(logits, RowSettings.of([s.params for s in rows], self.device), u, self._allowed(rows))
-        return [e for seq, t, lp, row in zip(rows, tokens.tolist(), logprobs.tolist(), logits)
-                for e in self._record(seq, t, lp, row)]
+        return [e for seq, t, lp, report in zip(rows, tokens.tolist(), logprobs.tolist(),
+                                                 self._reports(rows, tokens, logits))
+                for e in self._record(seq, t, lp, report)]
+
+    def _reports(self, rows: list[_Sequence], tokens: torch.Tensor, logits: torch.Tensor) -> list[TokenLogprob | None]:
+        """The model's own log-probs of the tokens (n,) the rows took from their logits (n, V), with each row's
+        `params.logprobs` alternatives, for the rows that ask (in one pass); None for the others."""
+        asking = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
+        reports: list[TokenLogprob | None] = [None] * len(rows)
+        if asking:
+            at = torch.tensor(asking, device=logits.device)
+            k = max(rows[i].params.logprobs for i in asking)
+            for i, report in zip(asking, token_logprobs(logits[at], tokens[at], k)):
+                reports[i] = report._replace(top=report.top[:rows[i].params.logprobs])
+        return reports
 
     def _allowed(self, rows: list[_Sequence]) -> torch.Tensor | None:
         """The tokens each row's grammar allows next (n, V) bool, or None when no row has a grammar."""
@@ -413,12 +426,13 @@ class Engine:
                                                    n.settings, u, self._allowed(rows))
         self._next = n._replace(tokens=token[:, None], pos=n.pos + 1, cache_len=n.cache_len + 1)
         events = []
+        reports = self._reports(rows, token, logits)
         for i, (seq, t, lp) in enumerate(zip(rows, token.tolist(), logprob.tolist())):
             seq.pos += 1
             seq.prev = seq.pending
             if self.speculative:  # the MTP draft reads the last two hidden states
                 seq.hidden = torch.stack([seq.hidden[-1], hidden[i]])
-            events += self._record(seq, t, lp, logits[i] if seq.params.logprobs is not None else None)
+            events += self._record(seq, t, lp, reports[i])
         return events
 
     def _zeros(self, n: int) -> torch.Tensor:
@@ -457,29 +471,31 @@ class Engine:
             self.drafted += 1
             seq.pos += 1
             seq.hidden, seq.prev = torch.stack([seq.hidden[-1], hidden[i, 0]]), seq.pending
-            events += self._record(seq, token, float(logp[i, 0, token]), logits[i, 0])
+            events += self._record(seq, token, float(logp[i, 0, token]), self._report(seq, token, logits[i, 0]))
             if kept and seq.c.finish_reason is None:
                 self.accepted += 1
                 seq.pos += 1
                 seq.hidden, seq.prev = hidden[i, :2], token
                 after = draw_one(p[i, 1], seq.generator)
-                events += self._record(seq, after, float(logp[i, 1, after]), logits[i, 1])
+                events += self._record(seq, after, float(logp[i, 1, after]), self._report(seq, after, logits[i, 1]))
         return events
 
     # ---- tokens in, events out -----------------------------------------------------------------------------------
-    def _record(self, seq: _Sequence, token: int, logprob: float, logits: torch.Tensor | None) -> list[Event]:
-        """Append a token (and its log-prob, see sampling.log_probs; with `params.logprobs` also the model's own,
-        from the logits (V,) it was drawn from, which may be None without) and check the stop conditions."""
+    def _report(self, seq: _Sequence, token: int, logits: torch.Tensor) -> TokenLogprob | None:
+        """`_reports` for one row and the logits (V,) its token came from."""
+        return self._reports([seq], torch.tensor([token], device=logits.device), logits[None])[0]
+
+    def _record(self, seq: _Sequence, token: int, logprob: float, report: TokenLogprob | None) -> list[Event]:
+        """Append a token, its log-prob (see sampling.log_probs) and, with `params.logprobs`, the model's own
+        (`_reports`), and check the stop conditions."""
         if seq.c.finish_reason is not None:
             return []
         seq.c.token_ids.append(token)
         seq.c.logprobs.append(logprob)
         if seq.matcher is not None:
             seq.matcher.consume_token(token)
-        reported = []
-        if seq.params.logprobs is not None:
-            reported = token_logprobs(logits[None], torch.tensor([token], device=logits.device), seq.params.logprobs)
-            seq.c.token_logprobs += reported
+        reported = [] if report is None else [report]
+        seq.c.token_logprobs += reported
         if token in seq.stop_ids:
             return [self._finish(seq, "stop", token, reported)]
         seq.raw_text += seq.stream.step(token)

@@ -1,6 +1,7 @@
 """The generation engine: continuous batching on the latent cache, sampling, stops, MTP speculation."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -155,16 +156,18 @@ def test_cancel_frees_the_slot(model, tok):
 @pytest.mark.parametrize("speculative", [False, True])
 def test_reported_log_probs_are_the_models_own(model, tok, speculative):
     """With logprobs / prompt_logprobs every generated and prompt token carries log softmax of the model's logits
-    (not the sampling temperature's) and the k most likely tokens; the events hand out each token's report once."""
-    prompts = [PROMPTS[0], PROMPTS[2]]
+    (not the sampling temperature's) and the k most likely tokens, each row its own k in one batch (a row that asks
+    none gets none); the events hand out each token's report once."""
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
     params = SamplingParams(max_new_tokens=6, temperature=0.8, seed=1, ignore_eos=True, logprobs=3, prompt_logprobs=2)
-    engine = Engine(model, tok, max_batch=2, max_len=64, speculative=speculative)
-    done = [engine.submit(p, params) for p in prompts]
+    engine = Engine(model, tok, max_batch=3, max_len=64, speculative=speculative)
+    done = [engine.submit(p, replace(params, logprobs=k)) for p, k in zip(prompts, (3, 1, None))]
     reported = {c.id: [] for c in done}
     while engine.has_work():
         for e in engine.step():
             reported[e.completion.id] += e.logprobs
-    for c in done:
+    assert not done[2].token_logprobs and not reported[done[2].id] and len(done[2].token_ids) == 6
+    for c, generated_k in zip(done[:2], (3, 1)):
         ids = c.prompt_ids + c.token_ids
         with torch.no_grad():
             expected = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)  # for ids[1:]
@@ -173,7 +176,7 @@ def test_reported_log_probs_are_the_models_own(model, tok, speculative):
         for at, entry in enumerate(c.prompt_logprobs[1:] + c.token_logprobs, start=1):
             row = expected[at - 1]
             assert entry.token == ids[at] and entry.logprob == pytest.approx(float(row[ids[at]]), abs=1e-5)
-            k = 2 if at < len(c.prompt_ids) else 3
+            k = 2 if at < len(c.prompt_ids) else generated_k
             assert [t for t, _ in entry.top] == row.topk(k).indices.tolist()
             assert [v for _, v in entry.top] == pytest.approx(row.topk(k).values.tolist(), abs=1e-5)
     plain = Engine(model, tok, max_batch=2, max_len=64).generate(prompts, SamplingParams(max_new_tokens=6))
