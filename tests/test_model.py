@@ -155,15 +155,18 @@ def test_gate_keeps_to_the_best_groups():
     assert torch.allclose(weights.sum(-1), torch.full((256,), cfg.routed_scaling_factor))
 
 
-@pytest.mark.parametrize("tokens", [1, 30])  # fixed shape, eager: 1 token gathers its experts, 30 sort
-@pytest.mark.parametrize("fixed_shape", [False, True])
+@pytest.mark.parametrize("tokens", [1, 30])  # fixed shape: 1 token gathers its experts, 30 sort them (eagerly)
+@pytest.mark.parametrize("fixed_shape", [False, True, "compiled"])  # compiled on the CPU: reductions, any number
 def test_grouped_experts_equal_a_per_expert_loop(tokens, fixed_shape):
     experts = Experts(4, 16, 8)
     for p in experts.parameters():
         torch.nn.init.normal_(p)
     x = torch.randn(tokens, 16)
     weights, indices = torch.rand(tokens, 2), torch.stack([torch.randperm(4)[:2] for _ in range(tokens)])
-    y, counts = (experts.forward_fixed if fixed_shape else experts)(x, weights, indices)
+    run = {False: experts, True: experts.forward_fixed,
+           "compiled": torch.compile(experts.forward_fixed, fullgraph=True, dynamic=True)}[fixed_shape]
+    with torch.no_grad():
+        y, counts = run(x, weights, indices)
     ref = torch.zeros_like(x)
     for t in range(tokens):
         for w, e in zip(weights[t], indices[t]):

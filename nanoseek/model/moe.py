@@ -107,25 +107,29 @@ class Experts(nn.Module):
 
     def forward_fixed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` without data-dependent shapes (the compiled decode step): each token's K chosen experts as
-        products with their gathered weights, summed. Compiled on a CPU (any number of tokens) these are reductions
-        that read the chosen weights where they lie, never copied (faster than sorted grouped GEMMs or running every
-        expert, at 1 to 128 rows of `small`); elsewhere a fixed number N of tokens that choose fewer slots than
-        there are experts (N K < E) does the same, while any other number runs every expert, weighted zero where not
-        chosen (one graph for every batch size). Eagerly, more tokens than that take `forward`'s sorted grouped
-        GEMMs, which skip the unchosen experts. Unsharded experts in the weights' own precision."""
+        """`forward` without data-dependent shapes (the compiled decode step). Compiled on a CPU, each token's K
+        chosen experts are products with their weights, summed: reductions that read the chosen weights where they
+        lie (faster than sorted grouped GEMMs or running every expert, at 1 to 128 rows of `small`). Otherwise a
+        fixed number N of tokens that choose fewer slots than there are experts (N K < E) gathers copies of its
+        experts' weights for batched GEMMs; in a compiled graph any other number runs every expert, weighted zero
+        where not chosen (one graph for every batch size), while eagerly it takes `forward`'s sorted grouped GEMMs,
+        which skip the unchosen experts. Unsharded experts in the weights' own precision."""
         N, (E, I, D) = indices.shape[0], self.gate_proj.shape
-        few = statically_known_true(N * indices.shape[1] < E)  # N a number, not a compiled graph's symbol
+        gather = statically_known_true(N * indices.shape[1] < E)  # N a number, not a compiled graph's symbol
         compiling = torch.compiler.is_compiling()
-        if not few and not compiling:
+        if not gather and not compiling:
             return self(x, weights, indices)
         flat = indices.flatten()
         counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
         g = weights.to(x.dtype)
-        if few or (compiling and x.device.type == "cpu"):
+        if compiling and x.device.type == "cpu":
             xk = x[:, None, None, :]  # (N, 1, 1, D) against the chosen (N, K, I, D)
             h = F.silu((xk * self.gate_proj[indices]).sum(-1)) * (xk * self.up_proj[indices]).sum(-1) * g[..., None]
             return (h[:, :, None, :] * self.down_proj[indices]).sum((1, 3)), counts  # (N, K, D, I) -> (N, D)
+        if gather:
+            h = F.silu(torch.einsum("nd,nkid->nki", x, self.gate_proj[indices]))
+            h = h * torch.einsum("nd,nkid->nki", x, self.up_proj[indices]) * g[..., None]
+            return torch.einsum("nki,nkdi->nd", h, self.down_proj[indices]), counts
         chosen = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, g)  # (N, E): g_i, or 0
         h = F.silu(F.linear(x, self.gate_proj.view(E * I, D))) * F.linear(x, self.up_proj.view(E * I, D))
         h = h.view(N, E, I) * chosen[..., None]
