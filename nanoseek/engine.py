@@ -45,7 +45,7 @@ from torch.fx.experimental import _config as fx_config
 from .grammar import Grammars
 from .model import Transformer
 from .model.attention import LatentCache, positions_of
-from .sampling import (RowSettings, SamplingError, SamplingParams, TokenLogprob, draw_one, log_probs, probabilities,
+from .sampling import (RowSettings, SamplingError, SamplingParams, TokenLogprob, draw_rows, log_probs, probabilities,
                        sample, speculative_accept, token_logprobs)
 from .tokenizer import Tokenizer
 
@@ -458,31 +458,34 @@ class Engine:
         q = self._run(draft_step, self.model, h, pending, pos, mtp, reach, settings, allowed).cpu()
         if not all(s.pos + 1 < self.max_len and len(s.c.token_ids) + 1 < s.params.max_new_tokens for s in rows):
             return self._decode()  # a row has room for one more token only
-        drafts = [draw_one(q[i], s.generator) for i, s in enumerate(rows)]
+        drafts = draw_rows(q, [s.generator for s in rows])
         tokens = torch.tensor([[s.pending, d] for s, d in zip(rows, drafts)], device=self.device)
         torch._dynamo.mark_static(tokens, 1)
         if allowed is not None:  # and what may follow each draft: the drafts are checked against the grammar too
             allowed = torch.stack([allowed, self._allowed_after(rows, drafts)], dim=1)
         p, logp, hidden, logits = self._run(verify_step, self.model, tokens, pos, main, reach + 2, settings, allowed)
         p, logp = p.cpu(), logp.cpu()
+        kept, emitted = speculative_accept(p[:, 0], q, drafts, [s.generator for s in rows])
+        self.drafted += len(rows)
         events = []
-        for i, seq in enumerate(rows):
-            kept, token = speculative_accept(p[i, 0], q[i], drafts[i], seq.generator)
-            self.drafted += 1
+        for i, (seq, token) in enumerate(zip(rows, emitted)):
             seq.pos += 1
             seq.hidden, seq.prev = torch.stack([seq.hidden[-1], hidden[i, 0]]), seq.pending
             events += self._record(seq, token, float(logp[i, 0, token]), self._report(seq, token, logits[i, 0]))
-            if kept and seq.c.finish_reason is None:
-                self.accepted += 1
-                seq.pos += 1
-                seq.hidden, seq.prev = hidden[i, :2], token
-                after = draw_one(p[i, 1], seq.generator)
-                events += self._record(seq, after, float(logp[i, 1, after]), self._report(seq, after, logits[i, 1]))
+        more = [i for i, seq in enumerate(rows) if kept[i] and seq.c.finish_reason is None]  # the draft stands
+        self.accepted += len(more)
+        for i, after in zip(more, draw_rows(p[more, 1], [rows[i].generator for i in more]) if more else []):
+            seq = rows[i]
+            seq.pos += 1
+            seq.hidden, seq.prev = hidden[i, :2], emitted[i]
+            events += self._record(seq, after, float(logp[i, 1, after]), self._report(seq, after, logits[i, 1]))
         return events
 
     # ---- tokens in, events out -----------------------------------------------------------------------------------
     def _report(self, seq: _Sequence, token: int, logits: torch.Tensor) -> TokenLogprob | None:
         """`_reports` for one row and the logits (V,) its token came from."""
+        if seq.params.logprobs is None:
+            return None
         return self._reports([seq], torch.tensor([token], device=logits.device), logits[None])[0]
 
     def _record(self, seq: _Sequence, token: int, logprob: float, report: TokenLogprob | None) -> list[Event]:

@@ -129,9 +129,10 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(token, last_possible)
 
 
-def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from a (V,) distribution with `generator`'s next uniform number."""
-    return int(draw(probs[None], torch.rand(1, generator=generator, device=probs.device))[0])
+def draw_rows(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """One token from each row of probs (n, V), with the next uniform number of that row's generator."""
+    u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+    return draw(probs, u).tolist()
 
 
 def sample(logits: torch.Tensor, rows: RowSettings, u: torch.Tensor,
@@ -144,12 +145,20 @@ def sample(logits: torch.Tensor, rows: RowSettings, u: torch.Tensor,
     return token, log_probs(logits, rows).gather(-1, token[:, None])[:, 0]
 
 
-def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int,
-                       generator: torch.Generator | None) -> tuple[bool, int]:
-    """Target p (V,), draft distribution q (V,), draft token -> (kept?, the token to emit)."""
-    ratio = float(p[draft]) / max(float(q[draft]), 1e-30)
-    if ratio >= 1 or float(torch.rand((), generator=generator, device=p.device)) < ratio:
-        return True, draft
-    residual = (p - q).clamp(min=0)
-    total = residual.sum()
-    return False, draw_one(residual / total if total > 0 else p, generator)
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int], generators: list[torch.Generator | None]
+                       ) -> tuple[list[bool], list[int]]:
+    """Targets p (n, V), draft distributions q (n, V), each row's draft token and generator -> for each row, whether
+    its draft is kept and the token to emit. A row draws a uniform number only where p(d) < q(d), and one more where
+    its draft is rejected, so its tokens do not depend on the other rows."""
+    at = torch.tensor(drafts, device=p.device)[:, None]
+    ratios = [a / max(b, 1e-30) for a, b in zip(p.gather(1, at)[:, 0].tolist(), q.gather(1, at)[:, 0].tolist())]
+    kept = [r >= 1 or float(torch.rand((), generator=g, device=p.device)) < r for r, g in zip(ratios, generators)]
+    tokens = list(drafts)
+    rejected = [i for i, k in enumerate(kept) if not k]
+    if rejected:
+        residual = (p[rejected] - q[rejected]).clamp(min=0)
+        total = residual.sum(-1, keepdim=True)
+        redraw = draw_rows(torch.where(total > 0, residual / total, p[rejected]), [generators[i] for i in rejected])
+        for i, token in zip(rejected, redraw):
+            tokens[i] = token
+    return kept, tokens

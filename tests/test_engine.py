@@ -8,7 +8,7 @@ import torch
 
 from nanoseek import Transformer
 from nanoseek.engine import Engine, IdsOnly
-from nanoseek.sampling import (RowSettings, SamplingError, SamplingParams, draw_one, probabilities,
+from nanoseek.sampling import (RowSettings, SamplingError, SamplingParams, draw_rows, probabilities,
                                speculative_accept)
 
 from .conftest import tiny_config
@@ -235,18 +235,18 @@ def test_speculative_sampling_keeps_the_target_distribution():
     n = 20000
     for _ in range(n):
         draft = int(torch.multinomial(q, 1, generator=g))
-        counts[speculative_accept(p, q, draft, g)[1]] += 1
+        counts[speculative_accept(p[None], q[None], [draft], [g])[1][0]] += 1
     assert torch.allclose(counts / n, p, atol=0.015)
     p, q = probabilities(torch.tensor([[0.1, 2.0, 0.3], [3.0, 0, 0]]), RowSettings.of([SamplingParams()] * 2))
-    assert speculative_accept(p, q, 0, None) == (False, 1)
+    assert speculative_accept(torch.stack([p, q]), torch.stack([q, q]), [0, 0], [None, None]) == ([False, True], [1, 0])
 
 
 def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
-    counts = torch.bincount(torch.tensor([draw_one(p, g) for _ in range(20000)]), minlength=6)
+    counts = torch.bincount(torch.tensor(draw_rows(p.expand(20000, -1), [g] * 20000)), minlength=6)
     assert torch.allclose(counts / 20000, p, atol=0.015) and counts[p == 0].sum() == 0
-    assert draw_one(torch.tensor([0.0, 1.0, 0.0]), g) == 1
+    assert draw_rows(torch.tensor([[0.0, 1.0, 0.0]]), [g]) == [1]
 
 
 def test_top_k_and_top_p_cut_the_distribution():
