@@ -104,6 +104,7 @@ class _StepInputs(NamedTuple):
     settings: RowSettings
     cache: list[LatentCache]  # views of the main layers' rows 0..n-1
     cache_len: int  # no row reaches past this position - 1
+    greedy_u: torch.Tensor | None  # (n,) zeros when every row is greedy (no uniform number is drawn), else None
 
 
 def uniforms(rows: list[_Sequence], device) -> torch.Tensor:
@@ -192,7 +193,7 @@ class Engine:
         if speculative and not model.mtp:
             raise SamplingError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1)")
         self.speculative, self.compile, self.prefill_chunk = speculative, compile, prefill_chunk
-        self.cpp_wrapper = max_batch == 1 or not threaded  # one row at a time: nothing else waits on the lock
+        self.cpp_wrapper = max_batch == 1 or not threaded  # holds the interpreter lock: no thread waits, or short steps
         self.cache = model.new_cache(max_batch, self.max_len, mtp=speculative)
         self.active: list[_Sequence] = []
         self.waiting: deque[_Sequence] = deque()
@@ -202,7 +203,6 @@ class Engine:
         self.reused_prompt_tokens = 0  # not computed again: copies of a repeated prompt, a prefix shared at prefill
         self.warmup_seconds = 0.0  # spent compiling (calls that built a new graph)
         self._next: _StepInputs | None = None  # the next plain step's tensors while the batch stays the same
-        self._zero_u = torch.zeros(0)
 
     def warmup(self, params: list[SamplingParams] | None = None) -> float:
         """With `compile`: build the steps' graphs (for one row and for several, for each way of sampling that
@@ -418,10 +418,11 @@ class Engine:
         rows = list(self.active)
         if self._next is None or self._next.rows != rows:  # the batch changed since the last plain step
             tokens, pos, settings = self._inputs(rows, [[s.pending] for s in rows])
+            zeros = torch.zeros(len(rows), device=self.device) if all(s.params.greedy for s in rows) else None
             self._next = _StepInputs(rows, tokens, pos, settings, self._rows(0, len(rows))[0],
-                                     max(s.pos for s in rows) + 1)
+                                     max(s.pos for s in rows) + 1, zeros)
         n = self._next
-        u = self._zeros(len(rows)) if all(s.params.greedy for s in rows) else uniforms(rows, self.device)
+        u = n.greedy_u if n.greedy_u is not None else uniforms(rows, self.device)
         token, logprob, hidden, logits = self._run(decode_step, self.model, n.tokens, n.pos, n.cache, n.cache_len,
                                                    n.settings, u, self._allowed(rows))
         self._next = n._replace(tokens=token[:, None], pos=n.pos + 1, cache_len=n.cache_len + 1)
@@ -434,12 +435,6 @@ class Engine:
                 seq.hidden = torch.stack([seq.hidden[-1], hidden[i]])
             events += self._record(seq, t, lp, reports[i])
         return events
-
-    def _zeros(self, n: int) -> torch.Tensor:
-        """(n,) zeros: the uniform numbers of greedy rows (none is drawn), kept from step to step."""
-        if self._zero_u.shape[0] != n:
-            self._zero_u = torch.zeros(n, device=self.device)
-        return self._zero_u
 
     def _decode_speculative(self) -> list[Event]:
         """MTP drafts t_{p+1} from (h_{p-1}, pending t_p); the main model takes [t_p, draft] at [p, p + 1] and its
