@@ -171,17 +171,19 @@ def mtp_logits(model: Transformer, h: torch.Tensor, next_ids: torch.Tensor, cach
 _COMPILED: dict = {}
 
 
-def compiled(fn, cpp_wrapper: bool = False):
+def compiled(fn, cpp_wrapper: bool = False, cuda: bool = False):
     """`fn` through torch.compile, once per process: the whole step one graph, shapes dynamic (one graph for one
     row, one for any other number; `Engine._run` turns off duck sizing, which would tie a batch of 16 to the 16
     experts and compile it apart). Inductor's C++ wrapper (`cpp_wrapper`) makes a small step up to 1.6x faster but
     holds the interpreter lock through the whole step, which stalls other threads (a server's HTTP layer). On a CPU
     the one-row graph's matrix-vector products become fused reductions (inductor's `decompose_mm_pass`, for one
-    row only): 1.4x that graph on `small`, and no gain at 4 rows or more."""
-    if (fn, cpp_wrapper) not in _COMPILED:
-        _COMPILED[fn, cpp_wrapper] = torch.compile(fn, dynamic=True, fullgraph=True, options={
-            "cpp_wrapper": cpp_wrapper, "post_grad_fusion_options": {"decompose_mm_pass": {}}})
-    return _COMPILED[fn, cpp_wrapper]
+    row only): 1.4x that graph on `small`, and no gain at 4 rows or more. On a GPU (`cuda`) the step's Triton
+    kernels are replayed as a CUDA graph (`mode="reduce-overhead"`), one per batch size and cache bound."""
+    if (fn, cpp_wrapper, cuda) not in _COMPILED:
+        options = {} if cuda else {"cpp_wrapper": cpp_wrapper, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+        _COMPILED[fn, cpp_wrapper, cuda] = torch.compile(fn, dynamic=True, fullgraph=True, options=options,
+                                                         mode="reduce-overhead" if cuda else None)
+    return _COMPILED[fn, cpp_wrapper, cuda]
 
 
 class Engine:
@@ -194,6 +196,8 @@ class Engine:
             raise SamplingError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1)")
         self.speculative, self.compile, self.prefill_chunk = speculative, compile, prefill_chunk
         self.cpp_wrapper = max_batch == 1 or not threaded  # holds the interpreter lock: no thread waits, or short steps
+        # a CUDA graph is recorded per bound on the cached positions: bounds in steps of 64 on a GPU, exact elsewhere
+        self.cache_block = 64 if compile and self.device.type == "cuda" else 1
         self.cache = model.new_cache(max_batch, self.max_len, mtp=speculative)
         self.active: list[_Sequence] = []
         self.waiting: deque[_Sequence] = deque()
@@ -286,9 +290,12 @@ class Engine:
         if not self.compile:
             return step(*args)
         graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+        cuda = self.device.type == "cuda"
         try:
             with fx_config.patch(use_duck_shape=False):
-                out = compiled(step, self.cpp_wrapper)(*args)
+                if cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = compiled(step, self.cpp_wrapper, cuda)(*args)
         except Exception as e:  # no C++ compiler, an operator inductor cannot lower, ...
             warnings.warn(f"compiling {step.__name__} failed, decoding eagerly: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}", stacklevel=3)
@@ -296,7 +303,13 @@ class Engine:
             return step(*args)
         if counters["stats"]["unique_graphs"] > graphs:
             self.warmup_seconds += time.perf_counter() - t0
+        if cuda:  # a CUDA graph's outputs are overwritten by its next replay
+            out = torch.utils._pytree.tree_map(torch.clone, out)
         return out
+
+    def _bound(self, reach: int) -> int:
+        """The cache bound a step is given: `reach` rounded up to a multiple of `cache_block` (within the cache)."""
+        return min(self.max_len, -(-reach // self.cache_block) * self.cache_block)
 
     def _free_finished(self) -> None:
         """Drop finished rows; the last active row moves into each freed slot, so active rows stay 0..n-1."""
@@ -423,8 +436,8 @@ class Engine:
                                      max(s.pos for s in rows) + 1, zeros)
         n = self._next
         u = n.greedy_u if n.greedy_u is not None else uniforms(rows, self.device)
-        token, logprob, hidden, logits = self._run(decode_step, self.model, n.tokens, n.pos, n.cache, n.cache_len,
-                                                   n.settings, u, self._allowed(rows))
+        token, logprob, hidden, logits = self._run(decode_step, self.model, n.tokens, n.pos, n.cache,
+                                                   self._bound(n.cache_len), n.settings, u, self._allowed(rows))
         self._next = n._replace(tokens=token[:, None], pos=n.pos + 1, cache_len=n.cache_len + 1)
         events = []
         reports = self._reports(rows, token, logits)
@@ -450,7 +463,7 @@ class Engine:
             torch._dynamo.mark_static(two, 1)
         reach = max(s.pos for s in rows)
         allowed = self._allowed(rows)  # with grammars: what may follow t_p
-        q = self._run(draft_step, self.model, h, pending, pos, mtp, reach, settings, allowed).cpu()
+        q = self._run(draft_step, self.model, h, pending, pos, mtp, self._bound(reach), settings, allowed).cpu()
         if not all(s.pos + 1 < self.max_len and len(s.c.token_ids) + 1 < s.params.max_new_tokens for s in rows):
             return self._decode()  # a row has room for one more token only
         drafts = draw_rows(q, [s.generator for s in rows])
@@ -458,7 +471,8 @@ class Engine:
         torch._dynamo.mark_static(tokens, 1)
         if allowed is not None:  # and what may follow each draft: the drafts are checked against the grammar too
             allowed = torch.stack([allowed, self._allowed_after(rows, drafts)], dim=1)
-        p, logp, hidden, logits = self._run(verify_step, self.model, tokens, pos, main, reach + 2, settings, allowed)
+        p, logp, hidden, logits = self._run(verify_step, self.model, tokens, pos, main, self._bound(reach + 2),
+                                            settings, allowed)
         p, logp = p.cpu(), logp.cpu()
         kept, emitted = speculative_accept(p[:, 0], q, drafts, [s.generator for s in rows])
         self.drafted += len(rows)

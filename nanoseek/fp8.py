@@ -151,7 +151,8 @@ def _block_gemm(a, b, counts: torch.Tensor | None, out_dtype: torch.dtype, gemm:
         rows = counts.tolist()
         return torch.cat([_mm(a_e, b_e, BLOCK, out_dtype, gemm)
                           for a_e, b_e in zip(zip(*(t.split(rows) for t in a)), zip(*b))])
-    return grouped_linear(dequantize_tiles(*a), dequantize_blocks(*b), counts).to(out_dtype)
+    with torch.autocast(a[0].device.type, enabled=False):  # the emulation multiplies in fp32, autocast or not
+        return grouped_linear(dequantize_tiles(*a), dequantize_blocks(*b), counts).to(out_dtype)
 
 
 class _FP8Linear(torch.autograd.Function):

@@ -51,6 +51,20 @@ def test_chunked_prefill_gives_the_same_tokens(model, tok):
                for a, b in zip(chunked, whole))
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_cache_bounds_in_blocks_give_the_same_tokens(model, tok, speculative):
+    """A GPU engine rounds each step's cache bound up to a block (one CUDA graph per block): positions past a row's
+    own are masked, so its tokens and log-probs stay those of the exact bound."""
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    exact = Engine(model, tok, max_batch=5, max_len=64, speculative=speculative)
+    blocked = Engine(model, tok, max_batch=5, max_len=64, speculative=speculative)
+    blocked.cache_block = 16
+    assert [blocked._bound(r) for r in (1, 16, 17, 60)] == [16, 16, 32, 64]
+    a, b = exact.generate(PROMPTS, params), blocked.generate(PROMPTS, params)
+    assert [c.token_ids for c in b] == [c.token_ids for c in a]
+    assert torch.allclose(torch.tensor([c.logprobs for c in b]), torch.tensor([c.logprobs for c in a]), atol=1e-5)
+
+
 def test_rows_of_different_lengths_join_mid_flight(model, tok):
     engine = Engine(model, tok, max_batch=4, max_len=64)
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
@@ -280,7 +294,7 @@ def test_compiled_steps_give_the_eager_tokens(model, cyclic_model, tok):
 
 
 def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(model, tok, monkeypatch):
-    def broken(fn, cpp_wrapper=False):
+    def broken(fn, cpp_wrapper=False, cuda=False):
         def fail(*args):
             raise RuntimeError("no C++ compiler\nmore detail")
         return fail

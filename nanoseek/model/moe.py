@@ -175,12 +175,14 @@ class AllToAll(torch.autograd.Function):
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (M, in) sorted by group, counts (E,) rows per group, w (E, out, in) -> (M, out)."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):  # as autocast does for a matmul: bf16 operands
+        x = x.to(torch.get_autocast_dtype("cuda"))
     aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])  # grouped_mm wants 16-byte strides
     # CUDA runs it in bf16 only, and its compile-time (fake) kernel insists on bf16 everywhere
     supported = x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
     if hasattr(F, "grouped_mm") and aligned and supported:
         offsets = counts.cumsum(0).to(torch.int32)
-        return F.grouped_mm(x, w.transpose(1, 2), offs=offsets)
+        return F.grouped_mm(x, w.to(x.dtype).transpose(1, 2), offs=offsets)  # fp32 master weights in x's dtype
     return torch.cat([xe @ we.T for xe, we in zip(x.split(counts.tolist()), w)])
 
 
