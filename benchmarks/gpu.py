@@ -10,13 +10,15 @@
    rounding differs between implementations, and a random model's logits are close).
 4. Training step of the same model (forward + backward + fused AdamW, bf16 autocast over fp32 master weights, as
    the trainer runs it): nanoseek eager, with FP8 GEMMs (blockwise where the shapes allow, else emulated), with the
-   emulated FP8 GEMMs, transformers' DeepseekV3 from the same weights, and nanoseek through `torch.compile`;
-   tokens/s, MFU against section 1's bf16 peak, peak memory; the first step's loss and its gradients on one MoE
-   layer (cosine) for the three nanoseek precisions, from the same weights on the same batch.
+   emulated FP8 GEMMs, with FP8 in attention and dense layers only, transformers' DeepseekV3 from the same weights,
+   and nanoseek through `torch.compile`; tokens/s, MFU against section 1's bf16 peak, peak memory; the first step's
+   loss and its gradients (cosine) on the first attention layer and on an MoE layer for the three nanoseek
+   precisions, from the same weights on the same batch.
 
 Each section runs while `--budget` seconds remain, and a failing section prints its error and the next one runs.
 
-    python benchmarks/gpu.py [--batch 8] [--seq 1024] [--steps 5] [--new-tokens 64] [--budget 480] [--out FILE.json]
+    python benchmarks/gpu.py [--batch 8] [--seq 1024] [--steps 5] [--new-tokens 64] [--budget 480]
+                             [--sections gemms fp8_linear train decode train_compiled] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ import torch.nn.functional as F
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cost import flops_per_token, matmul_peak
 from nanoseek.engine import Engine, IdsOnly
+from nanoseek.model.moe import Experts, grouped_linear
 from nanoseek.fp8 import (BLOCK, TILE, _blockwise_cuda, _mm, convert_to_fp8, dequantize, dequantize_tiles,
                           fp8_linear, quantize_blocks, quantize_tiles)
 from nanoseek.sampling import SamplingParams
 from nanoseek.train.recipe import load_config
 
 DEVICE = "cuda"
+SECTIONS = ("gemms", "fp8_linear", "train", "decode", "train_compiled")
 
 
 def timed(fn, repeats: int = 10, warmup: int = 2) -> float:
@@ -153,7 +157,9 @@ def training(base: Transformer, hf_dir: str, batch: int, seq: int, steps: int, p
     cfg = base.cfg
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     flops = flops_per_token(cfg, seq)["training"]
-    probe = "layers.1.mlp"  # an MoE layer: routed experts, shared expert, gate
+    # gradients compared: the first layer's attention (dense), and an MoE layer's (routed experts: a token whose
+    # top-k changes with rounding moves its gradient to another expert)
+    probes = ("layers.0.self_attn", "layers.1.mlp")
 
     def build(variant: str):
         if variant == "transformers":
@@ -161,6 +167,10 @@ def training(base: Transformer, hf_dir: str, batch: int, seq: int, steps: int, p
         model = copy.deepcopy(base).to(DEVICE)
         if variant.startswith("nanoseek FP8"):
             convert_to_fp8(model, "emulated" if "emulated" in variant else "auto")
+        if variant == "nanoseek FP8, experts bf16":  # where the FP8 step's time goes
+            for module in model.modules():
+                if isinstance(module, Experts):
+                    module.grouped_linear = grouped_linear
         return model
 
     out = {}
@@ -182,8 +192,8 @@ def training(base: Transformer, hf_dir: str, batch: int, seq: int, steps: int, p
                 if not first:
                     first["loss"] = loss.item()
                     if variant.startswith("nanoseek") and variant != "nanoseek compiled":
-                        first["grad"] = torch.cat([p.grad.flatten() for name, p in model.named_parameters()
-                                                   if name.startswith(probe)])
+                        first["grad"] = {probe: torch.cat([p.grad.flatten() for name, p in model.named_parameters()
+                                                           if name.startswith(probe)]) for probe in probes}
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
@@ -205,8 +215,8 @@ def training(base: Transformer, hf_dir: str, batch: int, seq: int, steps: int, p
     grads = {k: v.pop("_grad") for k, v in out.items() if isinstance(v, dict)}
     pairs = (("nanoseek FP8", "nanoseek FP8 emulated"), ("nanoseek FP8", "nanoseek"),
              ("nanoseek FP8 emulated", "nanoseek"))
-    if grads:
-        out["grad_cosine_" + probe] = {f"{a} / {b}": float(F.cosine_similarity(grads[a], grads[b], dim=0))
+    for probe in probes if grads else ():
+        out["grad_cosine_" + probe] = {f"{a} / {b}": float(F.cosine_similarity(grads[a][probe], grads[b][probe], dim=0))
                                        for a, b in pairs if grads.get(a) is not None and grads.get(b) is not None}
     return out
 
@@ -218,6 +228,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--budget", type=float, default=480, help="seconds; a section starts only inside them")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
     ap.add_argument("--out", help="write the figures as JSON here (after every section)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -239,10 +250,13 @@ def main() -> None:
     result["bf16_matmul_peak_tflops"] = peak / 1e12
     train = functools.partial(training, base, hf_dir, args.batch, args.seq, args.steps, peak, deadline)
     sections = (("gemms", lambda: gemms(8192)), ("fp8_linear", fp8_linear_check),
-                ("train", lambda: train(("nanoseek", "nanoseek FP8", "nanoseek FP8 emulated", "transformers"))),
+                ("train", lambda: train(("nanoseek", "nanoseek FP8", "nanoseek FP8 emulated",
+                                         "nanoseek FP8, experts bf16", "transformers"))),
                 ("decode", lambda: decode(base, hf_dir, args.new_tokens)),
                 ("train_compiled", lambda: train(("nanoseek compiled",))))
     for name, run in sections:
+        if name not in args.sections:
+            continue
         if time.perf_counter() > deadline:
             result[name] = "skipped: out of time"
             continue

@@ -180,9 +180,9 @@ def compiled(fn, cpp_wrapper: bool = False, cuda: bool = False):
     row only): 1.4x that graph on `small`, and no gain at 4 rows or more. On a GPU (`cuda`) the step's Triton
     kernels are replayed as a CUDA graph (`mode="reduce-overhead"`), one per batch size and cache bound."""
     if (fn, cpp_wrapper, cuda) not in _COMPILED:
-        options = {} if cuda else {"cpp_wrapper": cpp_wrapper, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
-        _COMPILED[fn, cpp_wrapper, cuda] = torch.compile(fn, dynamic=True, fullgraph=True, options=options,
-                                                         mode="reduce-overhead" if cuda else None)
+        how = {"mode": "reduce-overhead"} if cuda else {"options": {
+            "cpp_wrapper": cpp_wrapper, "post_grad_fusion_options": {"decompose_mm_pass": {}}}}
+        _COMPILED[fn, cpp_wrapper, cuda] = torch.compile(fn, dynamic=True, fullgraph=True, **how)
     return _COMPILED[fn, cpp_wrapper, cuda]
 
 
@@ -196,8 +196,10 @@ class Engine:
             raise SamplingError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1)")
         self.speculative, self.compile, self.prefill_chunk = speculative, compile, prefill_chunk
         self.cpp_wrapper = max_batch == 1 or not threaded  # holds the interpreter lock: no thread waits, or short steps
-        # a CUDA graph is recorded per bound on the cached positions: bounds in steps of 64 on a GPU, exact elsewhere
-        self.cache_block = 64 if compile and self.device.type == "cuda" else 1
+        # the compiled step as CUDA graphs: one is recorded per bound on the cached positions, so bounds go in steps
+        # of 64 there (exact elsewhere), and the graphs write the cache in place, so its addresses are fixed
+        self.cuda_graphs = compile and self.device.type == "cuda"
+        self.cache_block = 64 if self.cuda_graphs else 1
         self.cache = model.new_cache(max_batch, self.max_len, mtp=speculative)
         self.active: list[_Sequence] = []
         self.waiting: deque[_Sequence] = deque()
@@ -290,7 +292,7 @@ class Engine:
         if not self.compile:
             return step(*args)
         graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
-        cuda = self.device.type == "cuda"
+        cuda = self.cuda_graphs
         try:
             with fx_config.patch(use_duck_shape=False):
                 if cuda:
@@ -382,6 +384,9 @@ class Engine:
     def _rows(self, start: int, end: int) -> tuple[list[LatentCache], list[LatentCache]]:
         """Views of the cache rows start..end-1: the main layers', the MTP layers'."""
         views = [LatentCache(c.kv[start:end], c.pe[start:end]) for c in self.cache]
+        if self.cuda_graphs:
+            for t in (t for v in views for t in (v.kv, v.pe)):
+                torch._dynamo.mark_static_address(t)
         return views[:len(self.model.layers)], views[len(self.model.layers):]
 
     def _sample_rows(self, rows: list[_Sequence], logits: torch.Tensor) -> list[Event]:
