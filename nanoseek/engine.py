@@ -180,9 +180,11 @@ def compiled(fn, cpp_wrapper: bool = False, cuda: bool = False):
     row only): 1.4x that graph on `small`, and no gain at 4 rows or more. On a GPU (`cuda`) the step's Triton
     kernels are replayed as a CUDA graph (`mode="reduce-overhead"`), one per batch size and cache bound."""
     if (fn, cpp_wrapper, cuda) not in _COMPILED:
-        how = {"mode": "reduce-overhead"} if cuda else {"options": {
-            "cpp_wrapper": cpp_wrapper, "post_grad_fusion_options": {"decompose_mm_pass": {}}}}
-        _COMPILED[fn, cpp_wrapper, cuda] = torch.compile(fn, dynamic=True, fullgraph=True, **how)
+        # on a GPU: "reduce-overhead" mode, without split reductions (Triton cannot split an argmax over a dynamic
+        # number of rows)
+        options = {"triton.cudagraphs": True, "split_reductions": False} if cuda else {
+            "cpp_wrapper": cpp_wrapper, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+        _COMPILED[fn, cpp_wrapper, cuda] = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
     return _COMPILED[fn, cpp_wrapper, cuda]
 
 
