@@ -15,9 +15,9 @@ tokens and their log-probs come out; nothing in it depends on the values of the 
 (and speculation's draft and verify steps) run through `torch.compile` (inductor: fused C++ kernels on the CPU,
 Triton on a GPU), two graphs per step (one row, any other number), whatever the positions, through inductor's C++
 wrapper, which holds the interpreter lock through a step; an engine that shares the process with other Python
-threads (`threaded`: the server's HTTP layer) takes its Python wrapper where it has more than one row. The seconds
-spent compiling are counted in `warmup_seconds`, and where compilation fails the engine warns once and decodes
-eagerly.
+threads (`threaded`: the server's HTTP layer) takes its Python wrapper where it has more than one row. On a GPU the
+compiled step's kernels are replayed as CUDA graphs (see `compiled`). The seconds spent compiling are counted in
+`warmup_seconds`, and where compilation fails the engine warns once and decodes eagerly.
 
 With `speculative=True` the MTP module drafts one token per step and the main model checks it in the same forward
 (two tokens per row): greedy output is identical to plain greedy, sampled output keeps its distribution
@@ -31,6 +31,7 @@ a request has its drafts checked against the grammar too (the mask after each dr
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import warnings
@@ -122,6 +123,21 @@ def shared_prefix(prompts: list[list[int]]) -> int:
 
 
 # ---- the fixed-shape steps (compiled with `compile=True`) ---------------------------------------------------------
+def eager_on_gpu(fn):
+    """`fn(logits, ...)` traced into the compiled step on a CPU, and run eagerly between the step's CUDA graphs on a
+    GPU: there inductor (torch 2.11) cannot generate the sampler's cumulative sum over the vocabulary (a split scan)
+    fused with a reduction ("NYI TritonSplitDimKernel reductions")."""
+    eager = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def call(logits: torch.Tensor, *args):
+        return (eager if logits.is_cuda else fn)(logits, *args)
+    return call
+
+
+step_sample, step_probabilities, step_log_probs = map(eager_on_gpu, (sample, probabilities, log_probs))
+
+
 def decode_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: list[LatentCache],
                 cache_len: int, rows: RowSettings, u: torch.Tensor, allowed: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,7 +145,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cac
     (B, V) or None -> the next token of every row (B,), its reported log-prob (B,), the final hidden state (B, D)
     and the logits (B, V)."""
     out = model(tokens, cache=cache, start_pos=pos, cache_len=cache_len)
-    token, logprob = sample(out.logits[:, -1], rows, u, allowed)
+    token, logprob = step_sample(out.logits[:, -1], rows, u, allowed)
     return token, logprob, out.hidden[:, -1], out.logits[:, -1]
 
 
@@ -144,8 +160,8 @@ def verify_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cac
     logits = out.logits.flatten(0, 1)
     if allowed is not None:
         logits = logits.masked_fill(~allowed.flatten(0, 1), float("-inf"))
-    return (probabilities(logits, twice).view_as(out.logits), log_probs(logits, twice).view_as(out.logits),
-            out.hidden, out.logits)
+    return (step_probabilities(logits, twice).view_as(out.logits),
+            step_log_probs(logits, twice).view_as(out.logits), out.hidden, out.logits)
 
 
 def draft_step(model: Transformer, h: torch.Tensor, next_ids: torch.Tensor, pos: torch.Tensor,
@@ -156,7 +172,7 @@ def draft_step(model: Transformer, h: torch.Tensor, next_ids: torch.Tensor, pos:
     logits = mtp_logits(model, h, next_ids, cache, pos - 2, cache_len)[:, -1]
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    return probabilities(logits, rows)
+    return step_probabilities(logits, rows)
 
 
 def mtp_logits(model: Transformer, h: torch.Tensor, next_ids: torch.Tensor, cache: list[LatentCache],
@@ -178,13 +194,13 @@ def compiled(fn, cpp_wrapper: bool = False, cuda: bool = False):
     holds the interpreter lock through the whole step, which stalls other threads (a server's HTTP layer). On a CPU
     the one-row graph's matrix-vector products become fused reductions (inductor's `decompose_mm_pass`, for one
     row only): 1.4x that graph on `small`, and no gain at 4 rows or more. On a GPU (`cuda`) the step's Triton
-    kernels are replayed as a CUDA graph (`mode="reduce-overhead"`), one per batch size and cache bound."""
+    kernels are replayed as CUDA graphs (`mode="reduce-overhead"`), recorded per batch size and cache bound, with
+    the sampler run eagerly between them (`eager_on_gpu`)."""
     if (fn, cpp_wrapper, cuda) not in _COMPILED:
-        # on a GPU: "reduce-overhead" mode, without split reductions (Triton cannot split an argmax over a dynamic
-        # number of rows)
-        options = {"triton.cudagraphs": True, "split_reductions": False} if cuda else {
+        # on a GPU: "reduce-overhead" mode (the sampler runs between the graphs, see `eager_on_gpu`)
+        options = {"triton.cudagraphs": True} if cuda else {
             "cpp_wrapper": cpp_wrapper, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
-        _COMPILED[fn, cpp_wrapper, cuda] = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+        _COMPILED[fn, cpp_wrapper, cuda] = torch.compile(fn, dynamic=True, fullgraph=not cuda, options=options)
     return _COMPILED[fn, cpp_wrapper, cuda]
 
 
