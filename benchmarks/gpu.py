@@ -3,7 +3,8 @@
 1. GEMM peaks: an n x n x n bf16 matrix product, and the same product as fp8.py's blockwise-scaled FP8 GEMM (1x128
    activation tiles against 128x128 weight blocks, and 1x128 against 1x128 as in Wgrad), TFLOP/s; each FP8 GEMM's
    relative error against its emulation (the same E4M3 operands dequantised and multiplied in fp32, what a CPU runs).
-2. One FP8Linear, forward and backward, on the real blockwise GEMMs against the emulation: relative error of y, dx, dW.
+2. FP8Linear at every shape the model below has, forward and backward, on the real blockwise GEMMs against the
+   emulation: relative error of y, dx, dW.
 3. Greedy decoding of the one-GPU model (recipes/gpu-1x.yaml, bf16 weights): the Engine eager and compiled (Triton
    kernels replayed as CUDA graphs) against transformers' `generate` from the same weights, at batch 1 and 16; the
    compile warm-up; how many tokens each run shares with the eager engine before the first difference (bf16
@@ -39,8 +40,8 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.cost import flops_per_token, matmul_peak
 from nanoseek.engine import Engine, IdsOnly
 from nanoseek.model.moe import Experts, grouped_linear
-from nanoseek.fp8 import (BLOCK, TILE, _blockwise_cuda, _mm, convert_to_fp8, dequantize, dequantize_tiles,
-                          fp8_linear, quantize_blocks, quantize_tiles)
+from nanoseek.fp8 import (BLOCK, TILE, FP8Linear, _blockwise_cuda, _mm, convert_to_fp8, dequantize,
+                          dequantize_tiles, fp8_linear, quantize_blocks, quantize_tiles)
 from nanoseek.sampling import SamplingParams
 from nanoseek.train.recipe import load_config
 
@@ -89,18 +90,28 @@ def gemms(n: int) -> dict:
 
 
 # ---- 2. one FP8Linear -----------------------------------------------------------------------------------------------
-def fp8_linear_check(m: int = 2048, k: int = 1024, n: int = 1536) -> dict:
-    torch.manual_seed(0)
-    x0, dy = torch.randn(m, k, device=DEVICE), torch.randn(m, n, device=DEVICE)
-    w0 = torch.randn(n, k, device=DEVICE) / k ** 0.5
-    got = {}
-    for gemm in ("auto", "emulated"):
-        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        y = fp8_linear(x, w, gemm)
-        y.backward(dy)
-        got[gemm] = (y.detach(), x.grad, w.grad)
-    return {"shape_MKN": [m, k, n], **{f"rel_error_{name}": rel(a, b) for name, a, b in
-                                      zip(("y", "dx", "dW"), got["auto"], got["emulated"])}}
+def fp8_linear_check(model: Transformer, tokens: int) -> dict:
+    """Every FP8Linear shape of `model` at `tokens` rows (and a plain 2048 x 1024 x 1536), forward and backward on the
+    real GEMMs against the emulation: relative error of y, dx, dW, and whether the blockwise kernel ran."""
+    with torch.device("meta"):
+        layers = convert_to_fp8(Transformer(model.cfg)).modules()
+    shapes = {(2048, 1024, 1536)} | {(tokens, m.in_features, m.out_features) for m in layers if isinstance(m, FP8Linear)}
+    out = {}
+    for m, k, n in sorted(shapes):
+        torch.manual_seed(0)
+        x0, dy = torch.randn(m, k, device=DEVICE), torch.randn(m, n, device=DEVICE)
+        w0 = torch.randn(n, k, device=DEVICE) / k ** 0.5
+        got = {}
+        for gemm in ("auto", "emulated"):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            y = fp8_linear(x, w, gemm)
+            y.backward(dy)
+            got[gemm] = (y.detach(), x.grad, w.grad)
+        q = quantize_tiles(x0)[0]
+        out[f"{m}x{k}x{n}"] = {"blockwise_kernel": _blockwise_cuda(q, quantize_blocks(w0)[0], torch.float32),
+                               **{f"rel_error_{name}": rel(a, b) for name, a, b in
+                                  zip(("y", "dx", "dW"), got["auto"], got["emulated"])}}
+    return out
 
 
 # ---- 3. decoding ----------------------------------------------------------------------------------------------------
@@ -249,7 +260,7 @@ def main() -> None:
     peak = matmul_peak(DEVICE, n=2048)
     result["bf16_matmul_peak_tflops"] = peak / 1e12
     train = functools.partial(training, base, hf_dir, args.batch, args.seq, args.steps, peak, deadline)
-    sections = (("gemms", lambda: gemms(8192)), ("fp8_linear", fp8_linear_check),
+    sections = (("gemms", lambda: gemms(8192)), ("fp8_linear", lambda: fp8_linear_check(base, args.batch * args.seq)),
                 ("train", lambda: train(("nanoseek", "nanoseek FP8", "nanoseek FP8 emulated",
                                          "nanoseek FP8, experts bf16", "transformers"))),
                 ("decode", lambda: decode(base, hf_dir, args.new_tokens)),
