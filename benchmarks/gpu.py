@@ -89,7 +89,7 @@ def gemms(n: int) -> dict:
     return out
 
 
-# ---- 2. one FP8Linear -----------------------------------------------------------------------------------------------
+# ---- 2. FP8Linear --------------------------------------------------------------------------------------------------
 def fp8_linear_check(model: Transformer, tokens: int) -> dict:
     """Every FP8Linear shape of `model` at `tokens` rows (and a plain 2048 x 1024 x 1536), forward and backward on the
     real GEMMs against the emulation: relative error of y, dx, dW, and whether the blockwise kernel ran."""
