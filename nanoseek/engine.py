@@ -188,7 +188,7 @@ _COMPILED: dict = {}
 
 
 def compiled(fn, cpp_wrapper: bool = False, cuda: bool = False):
-    """`fn` through torch.compile, once per process: the whole step one graph, shapes dynamic (one graph for one
+    """`fn` through torch.compile, once per process: on a CPU the whole step one graph, shapes dynamic (one graph for one
     row, one for any other number; `Engine._run` turns off duck sizing, which would tie a batch of 16 to the 16
     experts and compile it apart). Inductor's C++ wrapper (`cpp_wrapper`) makes a small step up to 1.6x faster but
     holds the interpreter lock through the whole step, which stalls other threads (a server's HTTP layer). On a CPU
@@ -197,8 +197,7 @@ def compiled(fn, cpp_wrapper: bool = False, cuda: bool = False):
     kernels are replayed as CUDA graphs (`mode="reduce-overhead"`), recorded per batch size and cache bound, with
     the sampler run eagerly between them (`eager_on_gpu`)."""
     if (fn, cpp_wrapper, cuda) not in _COMPILED:
-        # on a GPU: "reduce-overhead" mode (the sampler runs between the graphs, see `eager_on_gpu`)
-        options = {"triton.cudagraphs": True} if cuda else {
+        options = {"triton.cudagraphs": True} if cuda else {  # "reduce-overhead" mode on a GPU
             "cpp_wrapper": cpp_wrapper, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
         _COMPILED[fn, cpp_wrapper, cuda] = torch.compile(fn, dynamic=True, fullgraph=not cuda, options=options)
     return _COMPILED[fn, cpp_wrapper, cuda]
