@@ -9,13 +9,15 @@ Needle-in-a-Haystack. Here, from a model pretrained at L tokens (default: the de
 1. `extended`: two phases as V3's, YaRN written into the config (`nanoseek extend`): factor 4 at 4L, then factor 16
    at 16L, each on the three longest passkey levels that fit its length (document windows: every problem read
    whole);
-2. evaluated greedily on the same held-out passkey problems at the longest level that fits in L, 4L and 16L, five
-   needle depths each: `base` as is, `base + YaRN` (the extended config, no training), and `extended`;
-3. decoding speed of the extended model on the absorbed latent cache after a prompt of each length (prefill and
+2. `plain RoPE`, the control: the same two phases, data and steps with RoPE left as it was (`extend.rope: plain`),
+   so that what YaRN adds is told apart from what training at the longer lengths does;
+3. evaluated greedily on the same held-out passkey problems at the longest level that fits in L, 4L and 16L, five
+   needle depths each: `base` as is, `base + YaRN` (the extended config, no training), `extended` and `plain RoPE`;
+4. decoding speed of the extended model on the absorbed latent cache after a prompt of each length (prefill and
    decode tokens/s), and the cache's bytes per token against the per-head cache it replaces.
 
-The last line is the verdict, e.g. `needle retrieval at 16x: extended 96.0%, base 0.0%`. Writes --out (JSON) and
-a NIAH heat map beside it.
+The last line is the verdict, e.g. `needle retrieval at 16x: extended 96.0%, base 0.0%, ...`. Writes --out (JSON)
+and a NIAH heat map beside it.
 
     python benchmarks/long_context.py [--base runs/demo/pretrain/model] [--length 256] [--steps 200 400]
                                       [--work runs/long-context] [--out runs/long-context.json] [--reuse]
@@ -91,7 +93,8 @@ def speed(model: Transformer, tok: Tokenizer, prompt_len: int, new_tokens: int =
             engine.step()
             steps += 1
         prefill, decode = min(prefill, t1 - t0), min(decode, (time.perf_counter() - t1) / steps)
-    return {"prompt_tokens": prompt_len, "prefill_tokens_per_s": prompt_len / prefill, "decode_tokens_per_s": 1 / decode}
+    return {"prompt_tokens": prompt_len, "prefill_tokens_per_s": prompt_len / prefill,
+            "decode_tokens_per_s": 1 / decode}
 
 
 def main() -> None:
@@ -120,6 +123,11 @@ def main() -> None:
                    args.reuse, stage="extend", extend={"factor": 4, "original_length": L})
     extended = train(work / "extend-16x", str(phase1), levels["16x"][-3:], 16 * L, args.steps[1], 1, 3, held_out,
                      args.reuse, stage="extend", extend={"factor": 16})
+    # the control: the same phases, data and steps with RoPE left as it was (what training at the length does alone)
+    plain1 = train(work / "plain-4x", str(base), levels["4x"][-3:], 4 * L, args.steps[0], 4, 2, held_out,
+                   args.reuse, stage="extend", extend={"factor": 4, "original_length": L, "rope": "plain"})
+    plain = train(work / "plain-16x", str(plain1), levels["16x"][-3:], 16 * L, args.steps[1], 1, 3, held_out,
+                  args.reuse, stage="extend", extend={"factor": 16, "original_length": L, "rope": "plain"})
     train_seconds = sum(row.get("seconds", 0.0) for phase in ("base", "extend-4x", "extend-16x")
                         for row in read_metrics(work / phase / "metrics.jsonl"))  # the steps' own seconds
 
@@ -129,7 +137,8 @@ def main() -> None:
     yarn_cfg = load_config(None, {}, stage="extend", init=str(base), data=["-"], seq_len=16 * L,
                            extend={"factor": 16, "original_length": L})
     extended_model = Transformer.from_pretrained(extended).eval()
-    models = {"base": as_is.eval(), "base + YaRN": with_yarn(pretrained, yarn_cfg).eval(), "extended": extended_model}
+    models = {"base": as_is.eval(), "base + YaRN": with_yarn(pretrained, yarn_cfg).eval(), "extended": extended_model,
+              "plain RoPE": Transformer.from_pretrained(plain).eval()}
     evals, results = {}, {}
     for name, model in models.items():
         results[name] = {}
@@ -161,7 +170,8 @@ def main() -> None:
     print(f"decode at 16x is {slowdown:.2f}x slower per token than at 1x; cache per token (fp32): absorbed latent "
           f"{cache['mla_bytes']:,} B, per-head equivalent {cache['mha_bytes']:,} B")
     print(f"needle retrieval at 16x: extended {results['extended']['16x']['pass@1']:.1%}, base "
-          f"{results['base']['16x']['pass@1']:.1%}, base + YaRN {results['base + YaRN']['16x']['pass@1']:.1%}")
+          f"{results['base']['16x']['pass@1']:.1%}, base + YaRN {results['base + YaRN']['16x']['pass@1']:.1%}, "
+          f"trained without YaRN {results['plain RoPE']['16x']['pass@1']:.1%}")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,15 @@ def test_extension_writes_yarn_into_the_config_and_keeps_the_weights(base, corpu
     assert config["max_position_embeddings"] == 1024
 
 
+def test_a_plain_extension_grows_the_context_and_leaves_rope_as_it_was(base, corpus, tmp_path):
+    run(settings(corpus, tmp_path / "plain", stage="extend", init=str(base), seq_len=128, max_steps=1, lr=1e-12,
+                 warmup_steps=0, extend={"factor": 4, "original_length": 64, "rope": "plain"}))
+    config = json.loads((tmp_path / "plain" / "model" / "config.json").read_text())
+    assert config["rope_scaling"] is None and config["max_position_embeddings"] == 256
+    before, after = Transformer.from_pretrained(base), Transformer.from_pretrained(tmp_path / "plain" / "model")
+    assert after.layers[0].self_attn.scale == before.layers[0].self_attn.scale
+
+
 @pytest.mark.parametrize("keys, message", [
     ({"extend": {"factor": 4}}, "extend.original_length: .* has no YaRN settings"),
     ({"seq_len": 512, "extend": {"factor": 4, "original_length": 64}}, "seq_len 512: longer than the extended context"),
@@ -89,5 +98,7 @@ def test_extension_mistakes_are_named(base, corpus, tmp_path, keys, message):
 def test_extension_settings_are_checked():
     with pytest.raises(TrainError, match="'extend.factor' = 1.0: must be > 1"):
         load_config(None, {}, stage="extend", init="m", data=["x"], extend={"factor": 1.0})
+    with pytest.raises(TrainError, match="'extend.rope' = 'ntk': must be yarn or plain"):
+        load_config(None, {}, stage="extend", init="m", data=["x"], extend={"rope": "ntk"})
     with pytest.raises(TrainError, match="'init' = None: must be set for GRPO and context extension"):
         load_config(None, {}, stage="extend", data=["x"])

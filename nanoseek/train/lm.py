@@ -83,7 +83,8 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Trans
 
 def with_yarn(model: Transformer, cfg: TrainConfig) -> Transformer:
     """The same weights under YaRN scaling of the rope dims, as DeepSeek-V3's config.json writes it (mscale =
-    mscale_all_dim = 1: the softmax scale grows by (0.1 ln s + 1)^2), for a context of factor x original_length."""
+    mscale_all_dim = 1: the softmax scale grows by (0.1 ln s + 1)^2), for a context of factor x original_length;
+    with `extend.rope: plain`, the same context with RoPE as it was (the control that shows what YaRN adds)."""
     e = model.cfg.yarn or {}
     original = cfg.extend.original_length or e.get("original_max_position_embeddings")
     if not original:
@@ -95,8 +96,9 @@ def with_yarn(model: Transformer, cfg: TrainConfig) -> Transformer:
                          f"{cfg.extend.factor} x {original})")
     yarn = {"type": "yarn", "factor": cfg.extend.factor, "original_max_position_embeddings": original,
             "beta_fast": cfg.extend.beta_fast, "beta_slow": cfg.extend.beta_slow, "mscale": 1.0, "mscale_all_dim": 1.0}
+    scaling = yarn if cfg.extend.rope == "yarn" else model.cfg.rope_scaling
     with torch.device(next(model.parameters()).device):
-        extended = Transformer(model.cfg.replace(rope_scaling=yarn, max_position_embeddings=context))
+        extended = Transformer(model.cfg.replace(rope_scaling=scaling, max_position_embeddings=context))
     extended.load_state_dict(model.state_dict())
     return extended
 

@@ -94,9 +94,10 @@ class ExtendSettings:
     original_length: int | None = None  # the pretraining length; unset: the init model's YaRN original (phase 2)
     beta_fast: float = 32.0
     beta_slow: float = 1.0
+    rope: str = "yarn"  # yarn | plain: the context grows, RoPE as the init model has it (a control for YaRN)
 
     def rules(self) -> list[Rule]:
-        return [("factor", self.factor > 1, "> 1"),
+        return [("factor", self.factor > 1, "> 1"), ("rope", self.rope in ("yarn", "plain"), "yarn or plain"),
                 ("original_length", self.original_length is None or self.original_length > 0, "> 0 (or unset)")]
 
 
