@@ -8,7 +8,8 @@
 3. Greedy decoding of the one-GPU model (recipes/gpu-1x.yaml, bf16 weights): the Engine eager and compiled (Triton
    kernels replayed as CUDA graphs) against transformers' `generate` from the same weights, at batch 1 and 16; the
    compile warm-up; how many tokens each run shares with the eager engine before the first difference (bf16
-   rounding differs between implementations, and a random model's logits are close).
+   rounding differs between implementations, and a random model's logits are close); before it, the compiled
+   engine's greedy tokens against its eager ones on the `small` preset in fp32, where they must be equal.
 4. Training step of the same model (forward + backward + fused AdamW, bf16 autocast over fp32 master weights, as
    the trainer runs it): nanoseek eager, with FP8 GEMMs (blockwise where the shapes allow, else emulated), with the
    emulated FP8 GEMMs, with FP8 in attention and dense layers only, transformers' DeepseekV3 from the same weights,
@@ -19,7 +20,8 @@
 Each section runs while `--budget` seconds remain, and a failing section prints its error and the next one runs.
 
     python benchmarks/gpu.py [--batch 8] [--seq 1024] [--steps 5] [--new-tokens 64] [--budget 480]
-                             [--sections gemms fp8_linear train decode train_compiled] [--out FILE.json]
+                             [--sections gemms fp8_linear train decode_check decode train_compiled]
+                             [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from nanoseek.sampling import SamplingParams
 from nanoseek.train.recipe import load_config
 
 DEVICE = "cuda"
-SECTIONS = ("gemms", "fp8_linear", "train", "decode", "train_compiled")
+SECTIONS = ("gemms", "fp8_linear", "train", "decode_check", "decode", "train_compiled")
 
 
 def timed(fn, repeats: int = 10, warmup: int = 2) -> float:
@@ -95,7 +97,8 @@ def fp8_linear_check(model: Transformer, tokens: int) -> dict:
     real GEMMs against the emulation: relative error of y, dx, dW, and whether the blockwise kernel ran."""
     with torch.device("meta"):
         layers = convert_to_fp8(Transformer(model.cfg)).modules()
-    shapes = {(2048, 1024, 1536)} | {(tokens, m.in_features, m.out_features) for m in layers if isinstance(m, FP8Linear)}
+    shapes = {(2048, 1024, 1536)} | {(tokens, m.in_features, m.out_features)
+                                     for m in layers if isinstance(m, FP8Linear)}
     out = {}
     for m, k, n in sorted(shapes):
         torch.manual_seed(0)
@@ -155,6 +158,27 @@ def decode(base: Transformer, hf_dir: str, n: int, repeats: int = 3) -> dict:
         print(f"  decode batch {batch}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in r["tokens_per_s"].items())
               + f"; compile warm-up {warm:.1f} s", flush=True)
     return out
+
+
+def decode_check(n: int = 48) -> dict:
+    """The compiled engine's CUDA graphs against its eager steps where rounding cannot excuse a difference: the
+    `small` preset in fp32 (TF32 off), 4 requests of different lengths; greedy tokens must be equal."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("small")).to(DEVICE).eval()
+    prompts = [torch.randint(0, model.cfg.vocab_size, (k,)).tolist() for k in (3, 9, 17, 30)]
+    params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        got = {}
+        for compile in (False, True):
+            engine = Engine(model, IdsOnly(), max_batch=4, max_len=100, compile=compile)
+            got[compile] = engine.generate(prompts, params)
+        same = [a.token_ids == b.token_ids for a, b in zip(got[False], got[True])]
+        logprob_gap = max(abs(x - y) for a, b in zip(got[False], got[True]) for x, y in zip(a.logprobs, b.logprobs))
+        return {"same_greedy_tokens": same, "largest_logprob_difference": logprob_gap, "still_compiled": engine.compile}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 # ---- 4. training ----------------------------------------------------------------------------------------------------
@@ -263,7 +287,7 @@ def main() -> None:
     sections = (("gemms", lambda: gemms(8192)), ("fp8_linear", lambda: fp8_linear_check(base, args.batch * args.seq)),
                 ("train", lambda: train(("nanoseek", "nanoseek FP8", "nanoseek FP8 emulated",
                                          "nanoseek FP8, experts bf16", "transformers"))),
-                ("decode", lambda: decode(base, hf_dir, args.new_tokens)),
+                ("decode_check", decode_check), ("decode", lambda: decode(base, hf_dir, args.new_tokens)),
                 ("train_compiled", lambda: train(("nanoseek compiled",))))
     for name, run in sections:
         if name not in args.sections:
