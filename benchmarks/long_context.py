@@ -13,7 +13,9 @@ Needle-in-a-Haystack. Here, from a model pretrained at L tokens (default: the de
    so that what YaRN adds is told apart from what training at the longer lengths does;
 3. evaluated greedily on the same held-out passkey problems at the longest level that fits in L, 4L and 16L, five
    needle depths each: `base` as is, `base + YaRN` (the extended config, no training), `extended` and `plain RoPE`;
-4. decoding speed of the extended model on the absorbed latent cache after a prompt of each length (prefill and
+4. how each phase's training began and ended, YaRN against the control: the loss on its first batch, the first
+   step under 0.2 nats, the last 50 steps' mean;
+5. decoding speed of the extended model on the absorbed latent cache after a prompt of each length (prefill and
    decode tokens/s), and the cache's bytes per token against the per-head cache it replaces.
 
 The last line is the verdict, e.g. `needle retrieval at 16x: extended 96.0%, base 0.0%, ...`. Writes --out (JSON)
@@ -75,6 +77,15 @@ def train(out: Path, init: str, levels: list[int], seq_len: int, steps: int, bat
     run(load_config(None, {}, init=init, data=[str(data)], seq_len=seq_len, batch_size=batch, windows="documents",
                     max_steps=steps, warmup_steps=10, lr=1e-3, save_every=100000, eval_n=0, out=str(out), **keys))
     return out / "model"
+
+
+def adaptation(metrics: Path, below: float = 0.2) -> dict:
+    """How a phase's training began and ended: the LM loss of its first batch (before any update), the first step
+    whose loss is under `below`, and the mean loss of its last 50 steps."""
+    rows = read_metrics(metrics)
+    return {"first_loss": rows[0]["lm_loss"], f"first_step_below_{below:g}": next(
+        (r["step"] for r in rows if r["lm_loss"] < below), None),
+        "last_50_loss": sum(r["lm_loss"] for r in rows[-50:]) / len(rows[-50:])}
 
 
 def speed(model: Transformer, tok: Tokenizer, prompt_len: int, new_tokens: int = 64, repeats: int = 3) -> dict:
@@ -148,9 +159,11 @@ def main() -> None:
             evals.setdefault(name, {"by_depth": {}, "by_task": {}})
             evals[name]["by_depth"].update(r["by_depth"])
             evals[name]["by_task"].update(r["by_task"])
+    phases = {phase: adaptation(work / phase / "metrics.jsonl")
+              for phase in ("extend-4x", "plain-4x", "extend-16x", "plain-16x")}
     speeds = {k: speed(extended_model, tok, n - 80) for k, n in lengths.items()}  # room for the new tokens
     cache = kv_cache_bytes_per_token(extended_model.cfg, 4)
-    out = {"base_model": args.base, "length": L, "levels": levels, "train_seconds": train_seconds,
+    out = {"base_model": args.base, "length": L, "levels": levels, "train_seconds": train_seconds, "phases": phases,
            "retrieval": results, "speed": speeds, "cache_bytes_per_token": cache}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
@@ -163,6 +176,9 @@ def main() -> None:
     for name, row in results.items():
         print(f"{name:<14}" + "".join(f"{row[k]['pass@1']:>15.1%} +- {row[k]['pass@1_se'] * 100:.1f}"
                                       for k in lengths))
+    for phase, a in phases.items():
+        print(f"{phase:<11} LM loss on its first batch {a['first_loss']:.2f}, under 0.2 from step "
+              f"{a['first_step_below_0.2']}, last 50 steps {a['last_50_loss']:.3f}")
     for k, s in speeds.items():
         print(f"extended, {s['prompt_tokens']:>5}-token prompt: prefill {s['prefill_tokens_per_s']:,.0f} tok/s, "
               f"decode {s['decode_tokens_per_s']:,.0f} tok/s")
