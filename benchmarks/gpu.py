@@ -37,13 +37,14 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from model_throughput import lm_loss
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cost import flops_per_token, matmul_peak
 from nanoseek.engine import Engine, IdsOnly
-from nanoseek.model.moe import Experts, grouped_linear
 from nanoseek.fp8 import (BLOCK, TILE, FP8Linear, _blockwise_cuda, _mm, convert_to_fp8, dequantize,
                           dequantize_tiles, fp8_linear, quantize_blocks, quantize_tiles)
+from nanoseek.model.moe import Experts, grouped_linear
 from nanoseek.sampling import SamplingParams
 from nanoseek.train.recipe import load_config
 
@@ -182,10 +183,6 @@ def decode_check(n: int = 48) -> dict:
 
 
 # ---- 4. training ----------------------------------------------------------------------------------------------------
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
 def training(base: Transformer, hf_dir: str, batch: int, seq: int, steps: int, peak: float, deadline: float,
              variants: tuple[str, ...]) -> dict:
     import transformers

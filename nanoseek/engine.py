@@ -309,12 +309,11 @@ class Engine:
         if not self.compile:
             return step(*args)
         graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
-        cuda = self.cuda_graphs
         try:
             with fx_config.patch(use_duck_shape=False):
-                if cuda:
+                if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                out = compiled(step, self.cpp_wrapper, cuda)(*args)
+                out = compiled(step, self.cpp_wrapper, self.cuda_graphs)(*args)
         except Exception as e:  # no C++ compiler, an operator inductor cannot lower, ...
             warnings.warn(f"compiling {step.__name__} failed, decoding eagerly: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}", stacklevel=3)
@@ -322,7 +321,7 @@ class Engine:
             return step(*args)
         if counters["stats"]["unique_graphs"] > graphs:
             self.warmup_seconds += time.perf_counter() - t0
-        if cuda:  # a CUDA graph's outputs are overwritten by its next replay
+        if self.cuda_graphs:  # a CUDA graph's outputs are overwritten by its next replay
             out = torch.utils._pytree.tree_map(torch.clone, out)
         return out
 
