@@ -97,6 +97,8 @@ def compare(model: Transformer, prompts: torch.Tensor, n: int, repeats: int, hf=
         result["mtp_acceptance"] = runs["nanoseek compiled+MTP"].acceptance_rate
         result["mtp_speedup"] = t["nanoseek compiled+MTP"] / t["nanoseek compiled"]
         result["mtp_speedup_eager"] = t["nanoseek+MTP"] / t["nanoseek"]
+        # a speculative step yields 1 + acceptance tokens a row: its seconds in plain steps (compiled both)
+        result["mtp_step_cost"] = (1 + result["mtp_acceptance"]) / result["mtp_speedup"]
     if hf is not None:
         result["speedup_vs_transformers"] = t["nanoseek compiled"] / t["transformers"]
         result["eager_speedup_vs_transformers"] = t["nanoseek"] / t["transformers"]
@@ -200,6 +202,10 @@ def main() -> None:
     print("compile warm-up before the timed runs (s, first compile of each graph in this process): "
           + ", ".join(f"{k}: {v:.1f}" for k, v in warm.items()))
     print("ratios above: compiled engine / transformers; MTP speed-up: compiled+MTP / compiled")
+    print("a compiled speculative step (draft, then the two-token check) costs "
+          + ", ".join(f"{trained[f'batch_{b}']['mtp_step_cost']:.2f}" for b in BATCHES)
+          + f" plain steps at batch {', '.join(map(str, BATCHES))} (cyclic model): MTP pays where 1 + acceptance "
+          "exceeds it")
     r1 = result["random"]["batch_1"]
     if "llama.cpp" in r1["tokens_per_s"]:
         print(f"llama.cpp (f32 GGUF export, {result['threads']} threads), random model, batch 1: "

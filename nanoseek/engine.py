@@ -38,9 +38,11 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
+from unittest import mock
 
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor.fx_passes import decompose_mem_bound_mm
 from torch.fx.experimental import _config as fx_config
 
 from .grammar import Grammars
@@ -185,6 +187,10 @@ def mtp_logits(model: Transformer, h: torch.Tensor, next_ids: torch.Tensor, cach
 
 
 _COMPILED: dict = {}
+# Products of at most this many rows become fused reductions in the CPU graphs (see `compiled`). Inductor reads the
+# threshold once, when it loads: `Engine._run` sets it around each compiled call, and `compiled` names it in the
+# options so that it is part of the graphs' cache key.
+MM_AS_REDUCTION_ROWS = 2
 
 
 def compiled(fn, cpp_wrapper: bool = False, cuda: bool = False):
@@ -192,13 +198,15 @@ def compiled(fn, cpp_wrapper: bool = False, cuda: bool = False):
     row, one for any other number; `Engine._run` turns off duck sizing, which would tie a batch of 16 to the 16
     experts and compile it apart). Inductor's C++ wrapper (`cpp_wrapper`) makes a small step up to 1.6x faster but
     holds the interpreter lock through the whole step, which stalls other threads (a server's HTTP layer). On a CPU
-    the one-row graph's matrix-vector products become fused reductions (inductor's `decompose_mm_pass`, for one
-    row only): 1.4x that graph on `small`, and no gain at 4 rows or more. On a GPU (`cuda`) the step's Triton
+    products of at most `MM_AS_REDUCTION_ROWS` rows (the one-row step; speculation's check and draft of one row, two
+    tokens each) become fused reductions (inductor's `decompose_mm_pass`): on `small` 1.4x the one-row step, 1.7x
+    the check, 1.4x the draft, and no gain at 4 rows or more. On a GPU (`cuda`) the step's Triton
     kernels are replayed as CUDA graphs (`mode="reduce-overhead"`), recorded per batch size and cache bound, with
     the sampler run eagerly between them (`eager_on_gpu`)."""
     if (fn, cpp_wrapper, cuda) not in _COMPILED:
         options = {"triton.cudagraphs": True} if cuda else {  # "reduce-overhead" mode on a GPU
-            "cpp_wrapper": cpp_wrapper, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+            "cpp_wrapper": cpp_wrapper, "post_grad_fusion_options": {"decompose_mm_pass": {
+                "cpu_max_first_dimension_decomposition": MM_AS_REDUCTION_ROWS}}}
         _COMPILED[fn, cpp_wrapper, cuda] = torch.compile(fn, dynamic=True, fullgraph=not cuda, options=options)
     return _COMPILED[fn, cpp_wrapper, cuda]
 
@@ -310,7 +318,8 @@ class Engine:
             return step(*args)
         graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
         try:
-            with fx_config.patch(use_duck_shape=False):
+            with fx_config.patch(use_duck_shape=False), mock.patch.object(
+                    decompose_mem_bound_mm, "cpu_max_first_dimension_decomposition", MM_AS_REDUCTION_ROWS):
                 if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 out = compiled(step, self.cpp_wrapper, self.cuda_graphs)(*args)
