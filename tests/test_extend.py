@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.errors import TrainError
-from nanoseek.evaluate import evaluate
+from nanoseek.data import write_jsonl
+from nanoseek.errors import TaskError, TrainError
+from nanoseek.evaluate import evaluate, greedy_accuracy
 from nanoseek.report import niah_grid, write_report
 from nanoseek.rundir import write_json
 from nanoseek.sampling import SamplingParams
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.tasks import get_family
 from nanoseek.tasks.passkey import DEPTHS, FILLER, sentences
 from nanoseek.train import run
@@ -37,6 +39,16 @@ def test_a_passkey_problem_hides_its_key_at_its_depth(level):
         assert PASSKEY.score(p, f"<think> </think> <answer>{int(p.answer) + 1}</answer>") == 0.0
 
 
+def test_a_passkey_problem_can_fill_a_length_between_levels():
+    rng = random.Random(0)
+    for n, level in ((1, 1), (5, 3), (100, 7), (128, 8), (1000, 10)):
+        p = PASSKEY.with_sentences(rng, n)
+        assert p.prompt.count(".") == n + 1 and p.meta["difficulty"] == level  # the needle's sentence besides
+    assert PASSKEY.with_sentences(random.Random(3), 2 ** 7).prompt == PASSKEY.generate(random.Random(3), 8).prompt
+    with pytest.raises(TaskError, match="filler sentences must be a positive integer, got 0"):
+        PASSKEY.with_sentences(rng, 0)
+
+
 def test_an_evaluation_of_passkeys_reads_by_length_and_depth_and_draws_the_heat_map(tok, tmp_path):
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)).eval()
     problems = [PASSKEY.generate(random.Random(i), 1 + i % 2) for i in range(12)]
@@ -54,6 +66,34 @@ def test_an_evaluation_of_passkeys_reads_by_length_and_depth_and_draws_the_heat_
     (tmp_path / "pretrain" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # a run directory
     text = write_report(tmp_path).read_text()
     assert "## Needle in a haystack" in text and (tmp_path / "plots" / "niah.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_tiny_model_extended_4x_retrieves_needles_it_missed(tmp_path):
+    """V3's extension at test scale. A tiny model pretrained on passkey problems that fit in L = 64 tokens (1-6
+    filler sentences; the shortest passkey chat takes 37 tokens, so L = 32 holds none) misses the needle in problems
+    four times as long; 300 steps of `nanoseek extend` (YaRN, factor 4) at 4L find most of them."""
+    def problems(rng, lo, hi, n):
+        return [PASSKEY.with_sentences(rng, rng.randint(lo, hi)) for _ in range(n)]
+
+    rng = random.Random(0)
+    write_jsonl(tmp_path / "short.jsonl", problems(rng, 1, 6, 3000))
+    write_jsonl(tmp_path / "long.jsonl", problems(rng, 1, 28, 3000))
+    short, long = problems(random.Random(9), 6, 6, 40), problems(random.Random(9), 20, 28, 40)  # ~60, 130-190 tokens
+    common = dict(preset="tiny", vocab_size=400, tokenizer_digits=1, windows="documents", warmup_steps=20,
+                  save_every=10_000, eval_n=0)
+    run(load_config(None, {}, **common, data=[str(tmp_path / "short.jsonl")], seq_len=64, batch_size=32, lr=3e-3,
+                    max_steps=2000, model_overrides={"num_nextn_predict_layers": 0}, out=str(tmp_path / "base")))
+    run(load_config(None, {}, **common, stage="extend", init=str(tmp_path / "base" / "model"),
+                    data=[str(tmp_path / "long.jsonl")], seq_len=256, batch_size=8, lr=1e-3, max_steps=300,
+                    extend={"factor": 4, "original_length": 64}, out=str(tmp_path / "extended")))
+    tok = Tokenizer.load(tmp_path / "base" / "model")
+    base, extended = (Transformer.from_pretrained(tmp_path / name / "model").eval() for name in ("base", "extended"))
+    accuracy = {(name, length): greedy_accuracy(model, tok, ps, max_new_tokens=16)["pass@1"]
+                for name, model in (("base", base), ("extended", extended))
+                for length, ps in (("L", short), ("4L", long))}
+    assert accuracy["base", "L"] >= 0.6 and accuracy["base", "4L"] <= 0.1, accuracy  # it retrieves, within L only
+    assert accuracy["extended", "4L"] >= accuracy["base", "4L"] + 0.4, accuracy
 
 
 def test_extension_writes_yarn_into_the_config_and_keeps_the_weights(base, corpus, tmp_path):
