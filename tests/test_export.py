@@ -129,13 +129,24 @@ def test_cli_export_prints_what_it_wrote_and_names_a_bad_type(tmp_path, tok, cap
     assert "not a model directory" in capsys.readouterr().err
 
 
-def _llama(path, **kw):
+def _llama(path, monkeypatch, **kw):
+    """llama.cpp's `Llama` on a GGUF file, its weights in plain CPU buffers (llama-server's `--no-repack`): on CPUs
+    with AMX, llama.cpp 0.3.36 moves f16 / q8_0 matrices into AMX buffers, which hold no kernel for the per-head
+    `attn_k_b` / `attn_v_b` products of deepseek2, and aborts the process while building its graph."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/test.sh builds it)")
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", plain_buffers)
     return llama_cpp.Llama(model_path=str(path), n_threads=2, verbose=False, **kw)
 
 
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
-def test_llama_cpp_decodes_the_engines_greedy_tokens(tmp_path, tok, outtype):
+def test_llama_cpp_decodes_the_engines_greedy_tokens(tmp_path, tok, outtype, monkeypatch):
     prompts = [tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                        tokenize=False) for text in ("Sort: 3, 1, 2", "What is 12+30?")]
     ids = [tok.encode(p) for p in prompts]
@@ -145,7 +156,7 @@ def test_llama_cpp_decodes_the_engines_greedy_tokens(tmp_path, tok, outtype):
     model.save_pretrained(tmp_path / "model")
     tok.save(tmp_path / "model")
     export_gguf(tmp_path / "model", tmp_path / "m.gguf", outtype)
-    llm = _llama(tmp_path / "m.gguf", n_ctx=256)
+    llm = _llama(tmp_path / "m.gguf", monkeypatch, n_ctx=256)
     engine = Engine(model, tok)
     for prompt, prompt_ids in zip(prompts, ids):
         assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == prompt_ids
@@ -159,10 +170,10 @@ def test_llama_cpp_decodes_the_engines_greedy_tokens(tmp_path, tok, outtype):
         assert got == want
 
 
-def test_llama_cpp_logits_equal_the_models_past_the_original_context_under_yarn(tmp_path, tok):
+def test_llama_cpp_logits_equal_the_models_past_the_original_context_under_yarn(tmp_path, tok, monkeypatch):
     model, path = _model_dir(tmp_path, tok)  # YaRN 32 -> 128
     export_gguf(path, tmp_path / "m.gguf")
-    llm = _llama(tmp_path / "m.gguf", n_ctx=128, logits_all=True)
+    llm = _llama(tmp_path / "m.gguf", monkeypatch, n_ctx=128, logits_all=True)
     ids = tok.encode(" ".join(TEXTS))[:100]
     llm.eval(ids)
     got = np.array(llm.scores[:len(ids)])
