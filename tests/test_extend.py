@@ -14,9 +14,9 @@ from nanoseek.evaluate import evaluate, greedy_accuracy
 from nanoseek.report import niah_grid, write_report
 from nanoseek.rundir import write_json
 from nanoseek.sampling import SamplingParams
-from nanoseek.tokenizer import Tokenizer
 from nanoseek.tasks import get_family
 from nanoseek.tasks.passkey import DEPTHS, FILLER, sentences
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import run
 from nanoseek.train.recipe import load_config
 
