@@ -14,6 +14,7 @@ import torch
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cli import main
 from nanoseek.serve import create_app, running
+from nanoseek.serve.schemas import sse
 from nanoseek.tokenizer import ReasoningSplitter
 from nanoseek.tokenizer import split_reasoning
 
@@ -267,6 +268,13 @@ def test_streaming_adds_up_to_the_non_streaming_reply(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert all(c.usage is None for c in chunks[:-1]) and not chunks[-1].choices
     assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_a_streamed_event_is_one_line_for_every_reader_of_lines():
+    """Text with characters that `str.splitlines` (httpx's `iter_lines`) breaks lines at arrives whole."""
+    text = "a\u2028b\x85c\u2029d\r\ne\x1cf\x0bg"
+    lines = [line for line in httpx.Response(200, content=sse({"content": text}).encode()).iter_lines() if line]
+    assert len(lines) == 1 and json.loads(lines[0].removeprefix("data: ")) == {"content": text}
 
 
 def test_completions_seeds_and_choices(client, tok):

@@ -218,9 +218,15 @@ UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "functions": (None, [
 
 
 # ---- responses -------------------------------------------------------------------------------------------------
+# Characters JSON leaves raw that line readers such as `str.splitlines` (httpx's `aiter_lines`) take for line ends.
+# They can only stand inside JSON strings, where their escapes mean the same.
+_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
 def sse(obj: dict) -> str:
-    """One server-sent event: `data: <compact JSON>` and a blank line."""
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    """One server-sent event: `data: <compact JSON>` on one line (whichever line ends a client reads), a blank
+    line."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':')).translate(_LINE_BREAKS)}\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
