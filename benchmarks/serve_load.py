@@ -1,16 +1,17 @@
 """Serving under load: N concurrent streaming chat clients, each sending a few requests one after another, against
 the OpenAI-compatible server running in this process on a random model. Prints requests/s, generated tokens/s,
-latency and time to first token (p50 / p99), and how full the engine's batch was. Then the same requests (prompts,
-seeds, settings, max batch) go through the Engine offline, with no HTTP, in the same process: the ratio of the two
-tokens/s is what the serving layer costs.
+latency and time to first token (p50 / p99), and how full the engine's batch was. The same requests (prompts, seeds,
+settings, max batch) also go through the Engine offline, with no HTTP, in the same process: the ratio of the two
+tokens/s is what the serving layer costs. Server and offline rounds alternate (`--repeats`, default 3) and the
+median ratio is reported with its range: on a shared machine one round of either can be off by a third.
 
 The clients run in a process of their own (as real clients would; on a small machine they still share its cores
 with the server); `--same-process` runs them on the server's event loop thread's process instead, where they also
 compete for its interpreter lock, a floor for separate clients.
 
-    python benchmarks/serve_load.py [--preset small] [--clients 32] [--rounds 3] [--max-tokens 32]
+    python benchmarks/serve_load.py [--preset small] [--clients 32] [--rounds 6] [--max-tokens 32]
                                     [--max-batch 16] [--speculative] [--no-compile] [--threads N]
-                                    [--same-process] [--out runs/bench-serve.json]
+                                    [--repeats 3] [--same-process] [--out runs/bench-serve.json]
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3, help="requests per client, one after another")
+    ap.add_argument("--rounds", type=int, default=6, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per reply (end of sentence ignored)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--speculative", action="store_true")
@@ -110,6 +111,7 @@ def main() -> None:
                     "(the server's default), warmed up before the clients start")
     ap.add_argument("--threads", type=int, help="torch threads (default: as `nanoseek serve`, one core fewer than "
                     "torch's choice, left to the event loop)")
+    ap.add_argument("--repeats", type=int, default=3, help="server and offline rounds, alternated")
     ap.add_argument("--same-process", action="store_true", help="the clients in the server's process")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
@@ -126,41 +128,49 @@ def main() -> None:
         while not done.wait(0.01):
             batch_sizes.append(app.state.worker.stats()["running"])
 
+    engine = Engine(model, tok, args.max_batch, 256, args.speculative, args.compile)
+    engine.warmup()
+    rounds, offline_rates = [], []
     with running(app) as url:
         sampler = threading.Thread(target=sample_batch, daemon=True)
         sampler.start()
-        records, wall = run_load(url, args) if args.same_process else load_in_process(url, args)
+        for _ in range(args.repeats):  # alternated, so that a slow spell of the machine hits both sides
+            rounds.append(run_load(url, args) if args.same_process else load_in_process(url, args))
+            offline_rates.append(offline(engine, tok, args))
         done.set()
         sampler.join()
-    engine = Engine(model, tok, args.max_batch, 256, args.speculative, args.compile)
-    engine.warmup()
-    offline_tokens_per_s = offline(engine, tok, args)
+    records = [r for records, _ in rounds for r in records]
     ok = [r for r in records if r["status"] == 200]
+    rates = [sum(r["tokens"] for r in rs if r["status"] == 200) / wall for rs, wall in rounds]
+    ratios = [a / b for a, b in zip(rates, offline_rates)]
+    wall = sum(w for _, w in rounds)
     latency, ttft = np.array([r["latency"] for r in ok]), np.array([r["ttft"] for r in ok if r["ttft"] is not None])
     busy = [b for b in batch_sizes if b]
     result = {"preset": args.preset, "parameters": model.num_parameters(), "clients": args.clients,
               "rounds": args.rounds, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-              "speculative": args.speculative, "torch_threads": torch.get_num_threads(),
+              "speculative": args.speculative, "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
               "requests": len(records), "failed": len(records) - len(ok), "wall_s": wall,
-              "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+              "requests_per_s": len(ok) / wall, "tokens_per_s": float(np.median(rates)),
               "latency_s": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99))},
               "ttft_s": {"p50": float(np.percentile(ttft, 50)), "p99": float(np.percentile(ttft, 99))},
               "mean_batch_when_busy": float(np.mean(busy)) if busy else 0.0, "compile": args.compile,
-              "clients_in_server_process": args.same_process,
-              "offline_tokens_per_s": offline_tokens_per_s}
-    result["server_over_offline"] = result["tokens_per_s"] / offline_tokens_per_s
+              "clients_in_server_process": args.same_process, "server_tokens_per_s_by_round": rates,
+              "offline_tokens_per_s_by_round": offline_rates, "offline_tokens_per_s": float(np.median(offline_rates)),
+              "server_over_offline_by_round": ratios, "server_over_offline": float(np.median(ratios))}
     print(f"{args.preset} preset ({result['parameters']:,} parameters), {args.clients} streaming clients "
           f"({'in the server process' if args.same_process else 'in a process of their own'}) x "
           f"{args.rounds} requests of {args.max_tokens} tokens, max batch {args.max_batch}"
           f"{', MTP speculative' if args.speculative else ''}{', compiled' if args.compile else ', eager'}, "
           f"{result['torch_threads']} torch threads")
-    print(f"  {result['requests']} requests ({result['failed']} failed) in {wall:.1f} s: "
-          f"{result['requests_per_s']:.2f} requests/s, {result['tokens_per_s']:.0f} tokens/s")
+    print(f"  {result['requests']} requests ({result['failed']} failed) in {args.repeats} rounds, {wall:.1f} s: "
+          f"{result['requests_per_s']:.2f} requests/s, {result['tokens_per_s']:.0f} tokens/s (median round)")
     print(f"  latency p50 {result['latency_s']['p50']:.2f} s, p99 {result['latency_s']['p99']:.2f} s; "
           f"time to first token p50 {result['ttft_s']['p50']:.2f} s, p99 {result['ttft_s']['p99']:.2f} s")
     print(f"  engine batch while busy: {result['mean_batch_when_busy']:.1f} sequences on average")
-    print(f"  the same requests offline (Engine.generate, no HTTP): {offline_tokens_per_s:.0f} tokens/s; "
-          f"server / offline: {result['server_over_offline']:.2f}")
+    print("  tokens/s by round, server / offline (Engine.generate, no HTTP): "
+          + ", ".join(f"{a:.0f} / {b:.0f}" for a, b in zip(rates, offline_rates)))
+    print(f"server / offline: {result['server_over_offline']:.2f} (median of {args.repeats} rounds, range "
+          f"{min(ratios):.2f}-{max(ratios):.2f})")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -14,9 +14,7 @@ go in as tensors, the model runs its fixed-shape path (`Transformer.forward(cach
 tokens and their log-probs come out; nothing in it depends on the values of the batch. With `compile=True` it
 (and speculation's draft and verify steps) run through `torch.compile` (inductor: fused C++ kernels on the CPU,
 Triton on a GPU), two graphs per step (one row, any other number), whatever the positions, through inductor's C++
-wrapper, which holds the interpreter lock through a step; an engine that shares the process with other Python
-threads (`threaded`: the server's HTTP layer) takes its Python wrapper where it has more than one row. On a GPU the
-compiled step's kernels are replayed as CUDA graphs (see `compiled`). The seconds spent compiling are counted in
+wrapper on a CPU. On a GPU the compiled step's kernels are replayed as CUDA graphs (see `compiled`). The seconds spent compiling are counted in
 `warmup_seconds`, and where compilation fails the engine warns once and decodes eagerly.
 
 With `speculative=True` the MTP module drafts one token per step and the main model checks it in the same forward
@@ -193,34 +191,34 @@ _COMPILED: dict = {}
 MM_AS_REDUCTION_ROWS = 2
 
 
-def compiled(fn, cpp_wrapper: bool = False, cuda: bool = False):
+def compiled(fn, cuda: bool = False):
     """`fn` through torch.compile, once per process: on a CPU the whole step one graph, shapes dynamic (one graph for one
     row, one for any other number; `Engine._run` turns off duck sizing, which would tie a batch of 16 to the 16
-    experts and compile it apart). Inductor's C++ wrapper (`cpp_wrapper`) makes a small step up to 1.6x faster but
-    holds the interpreter lock through the whole step, which stalls other threads (a server's HTTP layer). On a CPU
+    experts and compile it apart), its kernels called by inductor's C++ wrapper (a small step up to 1.6x faster than
+    through its Python wrapper; torch 2.13's releases the interpreter lock for the step, and a server's steps gained
+    25-30% tokens/s over the Python wrapper's, which releases and takes it back around every kernel). On a CPU
     products of at most `MM_AS_REDUCTION_ROWS` rows (the one-row step; speculation's check and draft of one row, two
     tokens each) become fused reductions (inductor's `decompose_mm_pass`): on `small` 1.4x the one-row step, 1.7x
     the check, 1.4x the draft, and no gain at 4 rows or more. On a GPU (`cuda`) the step's Triton
     kernels are replayed as CUDA graphs (`mode="reduce-overhead"`), recorded per batch size and cache bound, with
     the sampler run eagerly between them (`eager_on_gpu`)."""
-    if (fn, cpp_wrapper, cuda) not in _COMPILED:
+    if (fn, cuda) not in _COMPILED:
         options = {"triton.cudagraphs": True} if cuda else {  # "reduce-overhead" mode on a GPU
-            "cpp_wrapper": cpp_wrapper, "post_grad_fusion_options": {"decompose_mm_pass": {
+            "cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {
                 "cpu_max_first_dimension_decomposition": MM_AS_REDUCTION_ROWS}}}
-        _COMPILED[fn, cpp_wrapper, cuda] = torch.compile(fn, dynamic=True, fullgraph=not cuda, options=options)
-    return _COMPILED[fn, cpp_wrapper, cuda]
+        _COMPILED[fn, cuda] = torch.compile(fn, dynamic=True, fullgraph=not cuda, options=options)
+    return _COMPILED[fn, cuda]
 
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 16, max_len: int | None = None,
-                 speculative: bool = False, compile: bool = False, prefill_chunk: int = 512, threaded: bool = False):
+                 speculative: bool = False, compile: bool = False, prefill_chunk: int = 512):
         self.model, self.tok = model.eval(), tokenizer
         self.max_len = max_len or model.cfg.max_position_embeddings
         self.max_batch = max_batch
         if speculative and not model.mtp:
             raise SamplingError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1)")
         self.speculative, self.compile, self.prefill_chunk = speculative, compile, prefill_chunk
-        self.cpp_wrapper = max_batch == 1 or not threaded  # holds the interpreter lock: no thread waits, or short steps
         # the compiled step as CUDA graphs: one is recorded per bound on the cached positions, so bounds go in steps
         # of 64 there (exact elsewhere), and the graphs write the cache in place, so its addresses are fixed
         self.cuda_graphs = compile and self.device.type == "cuda"
@@ -322,7 +320,7 @@ class Engine:
                     decompose_mem_bound_mm, "cpu_max_first_dimension_decomposition", MM_AS_REDUCTION_ROWS):
                 if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                out = compiled(step, self.cpp_wrapper, self.cuda_graphs)(*args)
+                out = compiled(step, self.cuda_graphs)(*args)
         except Exception as e:  # no C++ compiler, an operator inductor cannot lower, ...
             warnings.warn(f"compiling {step.__name__} failed, decoding eagerly: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}", stacklevel=3)

@@ -276,13 +276,12 @@ def test_top_k_and_top_p_cut_the_distribution():
 @pytest.mark.slow
 def test_compiled_steps_give_the_eager_tokens(model, cyclic_model, tok):
     """torch.compile'd decode, draft and verify steps: the same greedy tokens and log-probs as eager, at batch 1
-    and 5, plain and speculative, through inductor's C++ wrapper and (plain, 5 rows, a `threaded` engine) its Python
-    wrapper; the compile seconds are counted."""
+    and 5, plain and speculative; the compile seconds are counted."""
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     for m, speculative in ((model, False), (cyclic_model, True)):
         for prompts in (PROMPTS[:1], PROMPTS):
             eager, fast = (Engine(m, tok, max_batch=len(prompts), max_len=64, speculative=speculative,
-                                  compile=compile, threaded=not speculative) for compile in (False, True))
+                                  compile=compile) for compile in (False, True))
             fast.warmup([params])
             assert fast.drafted == 0 and not fast.has_work()
             expected, got = eager.generate(prompts, params), fast.generate(prompts, params)
@@ -294,7 +293,7 @@ def test_compiled_steps_give_the_eager_tokens(model, cyclic_model, tok):
 
 
 def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(model, tok, monkeypatch):
-    def broken(fn, cpp_wrapper=False, cuda=False):
+    def broken(fn, cuda=False):
         def fail(*args):
             raise RuntimeError("no C++ compiler\nmore detail")
         return fail

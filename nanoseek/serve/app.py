@@ -47,7 +47,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, api_ke
     if max_batch < 1 or max_queue < 1:
         raise NanoseekError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
     metrics = ServerMetrics(max_batch)
-    worker = EngineWorker(lambda: Engine(model, tokenizer, max_batch, max_len, speculative, compile, threaded=True),
+    worker = EngineWorker(lambda: Engine(model, tokenizer, max_batch, max_len, speculative, compile),
                           max_queue, metrics)
     server = Server(worker, tokenizer, model_name, model.cfg.vocab_size, api_key, max_batch, compile)
     app = FastAPI(title="nanoseek", version=__version__, lifespan=server.lifespan,
