@@ -154,7 +154,7 @@ def main() -> None:
     for name, model in models.items():
         results[name] = {}
         for k, ps in problems.items():
-            r = evaluate(model, tok, ps, params=SamplingParams(max_new_tokens=12), batch_size=8, progress=False)
+            r = evaluate(model, tok, ps, params=SamplingParams(max_new_tokens=12), batch_size=8, desc=f"{name}, {k}")
             results[name][k] = {"pass@1": r["pass@1"], "pass@1_se": r["pass@1_se"], "prompt_tokens": r["prompt_tokens"]}
             evals.setdefault(name, {"by_depth": {}, "by_task": {}})
             evals[name]["by_depth"].update(r["by_depth"])

@@ -144,12 +144,12 @@ def paired_gain(after: dict, before: dict) -> tuple[float, float] | None:
 
 def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, params: SamplingParams | None = None,
              seed: int = 0, speculative: bool = False, batch_size: int = 128, progress: bool = True,
-             compile: bool = False) -> dict:
+             compile: bool = False, desc: str = "eval") -> dict:
     """Sample `samples` completions per problem (request seeds drawn from `seed`) and score them: the metrics
     above overall (top level), `by_family` and `by_task` (`family/difficulty`), plus a few examples."""
     params = params or SamplingParams()
     engine, groups = sample_completions(model, tok, problems, samples, params, seed, speculative, batch_size, progress,
-                                        compile=compile)
+                                        desc, compile)
     report = grade(problems, groups, samples=samples, seed=seed, sampling=asdict(params))
     if speculative:
         report["acceptance_rate"] = engine.acceptance_rate
