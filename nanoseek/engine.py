@@ -14,8 +14,9 @@ go in as tensors, the model runs its fixed-shape path (`Transformer.forward(cach
 tokens and their log-probs come out; nothing in it depends on the values of the batch. With `compile=True` it
 (and speculation's draft and verify steps) run through `torch.compile` (inductor: fused C++ kernels on the CPU,
 Triton on a GPU), two graphs per step (one row, any other number), whatever the positions, through inductor's C++
-wrapper on a CPU. On a GPU the compiled step's kernels are replayed as CUDA graphs (see `compiled`). The seconds spent compiling are counted in
-`warmup_seconds`, and where compilation fails the engine warns once and decodes eagerly.
+wrapper on a CPU. On a GPU the compiled step's kernels are replayed as CUDA graphs (see `compiled`). The seconds
+spent compiling are counted in `warmup_seconds`, and where compilation fails the engine warns once and decodes
+eagerly.
 
 With `speculative=True` the MTP module drafts one token per step and the main model checks it in the same forward
 (two tokens per row): greedy output is identical to plain greedy, sampled output keeps its distribution
