@@ -196,8 +196,8 @@ def compiled(fn, cuda: bool = False):
     """`fn` through torch.compile, once per process: on a CPU the whole step one graph, shapes dynamic (one graph for one
     row, one for any other number; `Engine._run` turns off duck sizing, which would tie a batch of 16 to the 16
     experts and compile it apart), its kernels called by inductor's C++ wrapper (a small step up to 1.6x faster than
-    through its Python wrapper; torch 2.13's releases the interpreter lock for the step, and a server's steps gained
-    25-30% tokens/s over the Python wrapper's, which releases and takes it back around every kernel). On a CPU
+    through its Python wrapper; torch 2.13's releases the interpreter lock for the step, so a server's HTTP thread
+    runs meanwhile: +14% server tokens/s over the Python wrapper in `serve_load.py`, within its spread). On a CPU
     products of at most `MM_AS_REDUCTION_ROWS` rows (the one-row step; speculation's check and draft of one row, two
     tokens each) become fused reductions (inductor's `decompose_mm_pass`): on `small` 1.4x the one-row step, 1.7x
     the check, 1.4x the draft, and no gain at 4 rows or more. On a GPU (`cuda`) the step's Triton
