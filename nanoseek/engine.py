@@ -194,18 +194,17 @@ MM_AS_REDUCTION_ROWS = 2
 
 
 def compiled(fn, cuda: bool = False):
-    """`fn` through torch.compile, once per process: on a CPU the whole step one graph, shapes dynamic (one graph for one
-    row, one for any other number; `Engine._run` turns off duck sizing, which would tie a batch of 16 to the 16
-    experts and compile it apart), its kernels called by inductor's C++ wrapper (a small step up to 1.6x faster than
-    through its Python wrapper; torch 2.13's releases the interpreter lock for the step, so a server's HTTP thread
-    runs meanwhile: +14% server tokens/s over the Python wrapper in `serve_load.py`, within its spread). Floats the
-    step reads (norm epsilons, scales) are constants of the graph (`specialize_float`, set in `Engine._run`), not
-    inputs turned into tensors on every call: +17-30% tokens/s at batch 1, +9-12% at 16 on `small`. On a CPU
-    products of at most `MM_AS_REDUCTION_ROWS` rows (the one-row step; speculation's check and draft of one row, two
-    tokens each) become fused reductions (inductor's `decompose_mm_pass`): on `small` 1.4x the one-row step, 1.7x
-    the check, 1.4x the draft, and no gain at 4 rows or more. On a GPU (`cuda`) the step's Triton
-    kernels are replayed as CUDA graphs (`mode="reduce-overhead"`), recorded per batch size and cache bound, with
-    the sampler run eagerly between them (`eager_on_gpu`)."""
+    """`fn` through torch.compile, once per process: on a CPU the whole step one graph, shapes dynamic (one graph
+    for one row, one for up to `MM_AS_REDUCTION_ROWS`, one for more; `Engine._run` turns off duck sizing, which
+    would tie a batch of 16 to the 16 experts and compile it apart), its kernels called by inductor's C++ wrapper (a
+    small step up to 1.6x faster than through its Python wrapper). Floats the step reads (norm epsilons, scales) are
+    constants of the graph (`specialize_float`, set in `Engine._run`), not inputs turned into tensors on every call:
+    +17-30% tokens/s at batch 1, +9-12% at 16 on `small`. On a CPU products of at most `MM_AS_REDUCTION_ROWS` rows
+    (the one-row step; speculation's check and draft of one row, two tokens each) become fused reductions
+    (inductor's `decompose_mm_pass`): on `small` 1.4x the one-row step, 1.7x the check, 1.4x the draft, and no gain
+    at 4 rows or more. On a GPU (`cuda`) the step's Triton kernels are replayed as CUDA graphs
+    (`mode="reduce-overhead"`), recorded per batch size and cache bound, with the sampler run eagerly between them
+    (`eager_on_gpu`)."""
     if (fn, cuda) not in _COMPILED:
         options = {"triton.cudagraphs": True} if cuda else {  # "reduce-overhead" mode on a GPU
             "cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {
@@ -238,14 +237,15 @@ class Engine:
         self._next: _StepInputs | None = None  # the next plain step's tensors while the batch stays the same
 
     def warmup(self, params: list[SamplingParams] | None = None) -> float:
-        """With `compile`: build the steps' graphs (for one row and for several, for each way of sampling that
-        `params` need; default both: plain and truncated) before a request waits on them. Returns the seconds. The
-        graph for several rows is built at `max_batch` rows: inductor tunes its kernels for the sizes it sees first."""
+        """With `compile`: build the steps' graphs (for one row, for `MM_AS_REDUCTION_ROWS` and for more, for each way
+        of sampling that `params` need; default both: plain and truncated) before a request waits on them (a server's
+        batch takes every size). Returns the seconds. The graph for more rows is built at `max_batch` rows: inductor
+        tunes its kernels for the sizes it sees first."""
         spent = self.warmup_seconds
         if self.compile:
             for p in params or [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9)]:
                 few = replace(p, max_new_tokens=4, ignore_eos=True, stop=[], seed=0)
-                for rows in sorted({self.max_batch, 1}, reverse=True):
+                for rows in sorted({self.max_batch, min(self.max_batch, MM_AS_REDUCTION_ROWS), 1}, reverse=True):
                     self.generate([[0, 1]] * rows, few)
             self.drafted = self.accepted = 0
         return self.warmup_seconds - spent

@@ -276,7 +276,7 @@ def test_top_k_and_top_p_cut_the_distribution():
 @pytest.mark.slow
 def test_compiled_steps_give_the_eager_tokens(model, cyclic_model, tok):
     """torch.compile'd decode, draft and verify steps: the same greedy tokens and log-probs as eager, at batch 1
-    and 5, plain and speculative; the compile seconds are counted."""
+    and 5, plain and speculative; the compile seconds are counted, and the warm-up builds every graph a batch needs."""
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     for m, speculative in ((model, False), (cyclic_model, True)):
         for prompts in (PROMPTS[:1], PROMPTS):
@@ -289,7 +289,9 @@ def test_compiled_steps_give_the_eager_tokens(model, cyclic_model, tok):
             assert all(torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
                        for a, b in zip(got, expected))
             assert fast.compile
-    assert fast.warmup_seconds > 0
+        built = fast.warmup_seconds  # a batch of two (a graph of its own on a CPU) was built in the warm-up
+        assert [c.token_ids for c in fast.generate(PROMPTS[:2], params)] == [c.token_ids for c in expected[:2]]
+        assert fast.warmup_seconds == built > 0
 
 
 def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(model, tok, monkeypatch):
