@@ -1,8 +1,11 @@
 """The OpenAI-compatible server, in-process on a free port, through the official `openai` client and raw HTTP."""
 
+import functools
 import json
+import os
 import random
 import re
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +16,7 @@ import torch
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cli import main
+from nanoseek.engine import Engine
 from nanoseek.serve import create_app, running
 from nanoseek.serve.schemas import sse
 from nanoseek.tokenizer import ReasoningSplitter
@@ -420,17 +424,46 @@ def test_speculative_server_gives_the_same_greedy_text(model, tok, client):
     assert spec.choices[0].text == client.completions.create(**settings).choices[0].text
 
 
+class FailsOnce(Engine):
+    """An engine whose first step in its process raises, as running out of memory would."""
+    failed = False
+
+    def step(self):
+        if not FailsOnce.failed:
+            FailsOnce.failed = True
+            raise RuntimeError("out of memory")
+        return super().step()
+
+
 def test_an_engine_failure_is_a_500_and_serving_goes_on(model, tok):
     app = create_app(model, tok, NAME, max_batch=2)
-
-    def broken_step():
-        raise RuntimeError("out of memory")
-
-    app.state.worker.engine.step = broken_step  # the worker replaces the engine after a failure
+    app.state.worker.make_engine = functools.partial(FailsOnce, model, tok, 2)  # made in the engine's process
     body = {"model": NAME, "prompt": "hi", "max_tokens": 3}
     with running(app) as url:
         failed = httpx.post(f"{url}/v1/completions", json=body)
         assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+        assert health(url)["requests"] == 0
+
+
+def test_a_dead_engine_process_fails_its_requests_and_a_new_one_serves(model, tok):
+    app = create_app(model, tok, NAME, max_batch=2)
+    body = {"model": NAME, "prompt": "hi", "max_tokens": 3}
+    with running(app) as url:
+        worker = app.state.worker
+        first = worker.process
+        os.kill(first.pid, signal.SIGSTOP)  # the request below waits in its pipe
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60)
+            while health(url)["requests"] == 0:
+                time.sleep(0.01)
+            os.kill(first.pid, signal.SIGKILL)
+            failed = pending.result()
+        assert failed.status_code == 500 and "died" in failed.json()["error"]["message"]
+        deadline = time.monotonic() + 60
+        while worker.process is first and time.monotonic() < deadline:  # a new process is starting
+            time.sleep(0.05)
+        assert worker.process is not first and worker.process.is_alive()
         assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
         assert health(url)["requests"] == 0
 
@@ -441,14 +474,19 @@ def test_cli_serve_with_a_bad_model_dir(tmp_path, capsys):
     assert err.startswith("error:") and "missing" in err and "Traceback" not in err
 
 
-def test_a_compiling_server_warms_up_before_it_takes_requests(model, tok, monkeypatch):
-    """The warm-up (compiling the decode step; stood in for here) runs once, before the server is up."""
-    from nanoseek.engine import Engine
-    order = []
-    monkeypatch.setattr(Engine, "warmup", lambda self, params=None: order.append("warm-up") or 0.0)
+class WarmsUp(Engine):
+    """An engine whose warm-up (compiling its steps; stood in for here) takes a while."""
+
+    def warmup(self, params=None) -> float:
+        time.sleep(0.5)
+        return 12.5
+
+
+def test_a_compiling_server_warms_up_before_it_takes_requests(model, tok):
     app = create_app(model, tok, NAME, max_batch=2, compile=True)
-    assert app.state.worker.engine.compile
+    worker = app.state.worker
+    assert worker.warm_up and worker.make_engine.args[-1]  # the engine's compile setting
+    worker.make_engine = functools.partial(WarmsUp, model, tok, 2)
     with running(app) as url:
-        order.append("serving")
+        assert worker.warmup_seconds == 12.5  # reported by the engine's process when it was ready
         assert health(url)["requests"] == 0
-    assert order == ["warm-up", "serving"]

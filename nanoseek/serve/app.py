@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.resources
 import logging
 import secrets
@@ -46,10 +47,10 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, api_ke
     decode step, warmed up before the server takes requests."""
     if max_batch < 1 or max_queue < 1:
         raise NanoseekError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
-    metrics = ServerMetrics(max_batch)
-    worker = EngineWorker(lambda: Engine(model, tokenizer, max_batch, max_len, speculative, compile),
-                          max_queue, metrics)
-    server = Server(worker, tokenizer, model_name, model.cfg.vocab_size, api_key, max_batch, compile)
+    context = max_len or model.cfg.max_position_embeddings
+    worker = EngineWorker(functools.partial(Engine, model, tokenizer, max_batch, context, speculative, compile),
+                          max_queue, ServerMetrics(max_batch), warm_up=compile)
+    server = Server(worker, tokenizer, model_name, model.cfg.vocab_size, api_key, max_batch, context, compile)
     app = FastAPI(title="nanoseek", version=__version__, lifespan=server.lifespan,
                   description="An OpenAI-compatible API for a DeepSeek-V3-architecture model.")
     app.state.worker = worker
@@ -106,21 +107,22 @@ class Server:
     model's name, the limits)."""
 
     def __init__(self, worker: EngineWorker, tokenizer: Tokenizer, model_name: str, vocab: int,
-                 api_key: str | None, max_batch: int, compile: bool):
+                 api_key: str | None, max_batch: int, context: int, compile: bool):
         self.worker, self.tokenizer, self.model_name, self.vocab = worker, tokenizer, model_name, vocab
-        self.api_key, self.max_batch, self.max_queue, self.compile = api_key, max_batch, worker.max_queue, compile
-        self.context = worker.engine.max_len
+        self.api_key, self.max_batch, self.max_queue = api_key, max_batch, worker.max_queue
+        self.context, self.compile = context, compile
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        """Warm up the compiled decode step, then run the engine thread while the app serves."""
+        """Start the engine's process (with `compile`: its decode steps built) before the app takes requests; stop
+        it with the app."""
+        await asyncio.to_thread(self.worker.start)
         if self.compile:
-            log.info("decode step compiled in %.1f s", await asyncio.to_thread(self.worker.engine.warmup))
-        self.worker.start()
+            log.info("decode step compiled in %.1f s", self.worker.warmup_seconds)
         try:
             yield
         finally:
-            self.worker.stop()
+            await asyncio.to_thread(self.worker.stop)
 
     async def authorize(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if self.api_key is None:

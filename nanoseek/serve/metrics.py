@@ -19,7 +19,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..engine import Engine, Event
+from ..engine import Event
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -42,21 +42,17 @@ class ServerMetrics:
         self.acceptance = Gauge("nanoseek:spec_decode_acceptance_rate", "MTP drafts accepted / drafted", registry=r)
         self.prefix_hits = Counter("nanoseek:prefix_cache_hit_tokens", "Prompt tokens not computed again",
                                    registry=r)
-        self._engine, self._reused = None, 0  # prefix hits counted so far, of this engine
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
 
-    def step(self, engine: Engine) -> None:
-        """After an engine step: the queue, the batch, speculation and prefix reuse."""
-        self.waiting.set(len(engine.waiting))
-        self.running.set(len(engine.active))
-        self.occupancy.set(len(engine.active) / self.max_batch)
-        self.acceptance.set(engine.acceptance_rate)
-        if engine is not self._engine:  # a fresh engine (after a failed step) counts from 0
-            self._engine, self._reused = engine, 0
-        self.prefix_hits.inc(engine.reused_prompt_tokens - self._reused)
-        self._reused = engine.reused_prompt_tokens
+    def step(self, stats) -> None:
+        """After an engine step (a worker.EngineStats): the queue, the batch, speculation and prefix reuse."""
+        self.waiting.set(stats.waiting)
+        self.running.set(stats.running)
+        self.occupancy.set(stats.running / self.max_batch)
+        self.acceptance.set(stats.acceptance_rate)
+        self.prefix_hits.inc(stats.reused_prompt_tokens)
 
     def tokens(self, job, event: Event) -> None:
         """Count what one event of `job` (a worker.Job) brought: its new tokens, with the time to the first and the
