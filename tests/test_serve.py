@@ -17,6 +17,7 @@ import torch
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cli import main
 from nanoseek.engine import Engine
+from nanoseek.errors import NanoseekError
 from nanoseek.serve import create_app, running
 from nanoseek.serve.schemas import sse
 from nanoseek.tokenizer import ReasoningSplitter
@@ -422,6 +423,13 @@ def test_speculative_server_gives_the_same_greedy_text(model, tok, client):
     with running(create_app(model, tok, NAME, max_batch=2, speculative=True)) as url:
         spec = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0).completions.create(**settings)
     assert spec.choices[0].text == client.completions.create(**settings).choices[0].text
+
+
+def test_a_speculative_server_needs_an_mtp_module(tok):
+    """Refused before the server starts, with the reason, not by the engine's process after it."""
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, num_nextn_predict_layers=0))
+    with pytest.raises(NanoseekError, match="MTP module"):
+        create_app(model, tok, NAME, speculative=True)
 
 
 class FailsOnce(Engine):

@@ -47,6 +47,8 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, api_ke
     decode step, warmed up before the server takes requests."""
     if max_batch < 1 or max_queue < 1:
         raise NanoseekError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+    if speculative and not model.mtp:  # the engine's process would refuse it too, after the server had started
+        raise NanoseekError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1)")
     context = max_len or model.cfg.max_position_embeddings
     worker = EngineWorker(functools.partial(Engine, model, tokenizer, max_batch, context, speculative, compile),
                           max_queue, ServerMetrics(max_batch), warm_up=compile)
