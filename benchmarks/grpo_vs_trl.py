@@ -217,7 +217,7 @@ def main() -> None:
     ap.add_argument("--last", type=int, default=3, help="final reward: the mean over this many last steps")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile-decode", action="store_true", help="nanoseek's rollouts through the compiled decode "
-                    "step (its compiling falls in the first steps)")
+                    "step (compiled before the first step: counted in the wall time and in `load + first step`)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
 

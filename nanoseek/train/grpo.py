@@ -66,6 +66,8 @@ def run(cfg: TrainConfig) -> dict:
     policy = load_policy(cfg.init, cfg.tokenizer, device, max_batch=g.prompts_per_step * g.group_size,
                          max_len=cfg.seq_len + g.max_new_tokens, compile=cfg.compile_decode)
     model = policy.model
+    compiling = cfg.compile_decode and isinstance(policy, NanoseekPolicy)
+    warmup_seconds = policy.warmup(g.temperature) if compiling else 0.0  # before the steps, not inside their times
     excluded = [p for path in cfg.data for p in read_jsonl(path)]
     if cfg.data and not excluded:
         raise TrainError(f"data: {cfg.data}: no held-out problems to evaluate on")
@@ -77,6 +79,7 @@ def run(cfg: TrainConfig) -> dict:
     flops = policy.flops_per_token(cfg.seq_len + g.max_new_tokens)
     summary = Trainer(cfg, model, source, grpo_loss_fn(g, policy), flops, save_extra=policy.save_tokenizer,
                       load_model=policy.load, unused_parameters=True, shown="reward").fit()  # MTP never runs
+    summary["decode_warmup_seconds"] = warmup_seconds
     if held_out:
         with distributed.full_weights(model):
             if main:

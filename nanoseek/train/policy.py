@@ -61,6 +61,15 @@ class NanoseekPolicy:
         finally:
             self.model.train(training)
 
+    def warmup(self, temperature: float) -> float:
+        """With a compiled engine: build its decode graphs for rollouts at `temperature` (and greedy answers) before
+        the first step, so that no step's time holds a compile. Returns the seconds."""
+        training = self.model.training
+        try:
+            return self.engine.warmup([SamplingParams(temperature=temperature)])
+        finally:
+            self.model.train(training)
+
     def logprobs(self, ids: torch.Tensor, temperature: float, model: torch.nn.Module | None = None,
                  token_mask: torch.Tensor | None = None):
         out = (model if model is not None else self.model)(ids, return_mtp=False, token_mask=token_mask)
