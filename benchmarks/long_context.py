@@ -42,8 +42,7 @@ from nanoseek.evaluate import evaluate
 from nanoseek.report import niah_figure
 from nanoseek.rundir import read_metrics
 from nanoseek.sampling import SamplingParams
-from nanoseek.tasks.base import Problem
-from nanoseek.tasks.passkey import Passkey, sentences
+from nanoseek.tasks.passkey import Passkey
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import run
 from nanoseek.train.lm import with_yarn
@@ -53,46 +52,26 @@ from nanoseek.train.recipe import load_config
 PASSKEY = Passkey()
 
 
-def fits(tok: Tokenizer, sentences: int, length: int) -> bool:
-    """Whether passkey problems of this many filler sentences (prompt and answer; five keys and depths) fit in
-    `length` tokens."""
-    rng = random.Random(sentences)
-    return all(len(chat_document(tok, p.prompt, p.solution)[0]) + 1 <= length
-               for p in (PASSKEY.with_sentences(rng, sentences) for _ in range(5)))
-
-
 def fitting_levels(tok: Tokenizer, length: int) -> list[int]:
-    """The passkey levels whose problems fit in `length` tokens."""
-    return [level for level in range(1, PASSKEY.max_difficulty + 1) if fits(tok, sentences(level), length)]
+    """The passkey levels whose problems (prompt and answer) fit in `length` tokens."""
+    levels = []
+    for level in range(1, PASSKEY.max_difficulty + 1):
+        p = PASSKEY.generate(random.Random(level), level)
+        if len(chat_document(tok, p.prompt, p.solution)[0]) + 1 > length:
+            break
+        levels.append(level)
+    return levels
 
 
-def filling(tok: Tokenizer, length: int) -> int:
-    """The most filler sentences whose problems fit in `length` tokens: a haystack that fills the context."""
-    lo, hi = 1, 2  # fits(lo); the answer is below hi
-    while fits(tok, hi, length):
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(tok, mid, length) else (lo, mid)
-    return lo
-
-
-def phase_problems(rng: random.Random, levels: list[int], fill: int) -> list[Problem]:
-    """An extension phase's documents: 1,000 problems of each of the three longest levels that fit, and 2,000 whose
-    haystacks run from the longest level's to one that fills the context (log-uniform), so that training reaches
-    the phase's whole length."""
-    low = sentences(levels[-1])
-    return ([PASSKEY.generate(rng, level) for level in levels[-3:] for _ in range(1000)]
-            + [PASSKEY.with_sentences(rng, round(low * (fill / low) ** rng.random())) for _ in range(2000)])
-
-
-def train(out: Path, init: str, problems: list[Problem], seq_len: int, steps: int, batch: int, held_out: set[str],
-          reuse: bool, **keys) -> Path:
-    """Train on `problems` (those held out left out) from `init`; returns the model directory (with `reuse`, the
-    one a former run left there)."""
+def train(out: Path, init: str, levels: list[int], seq_len: int, steps: int, batch: int, seed: int,
+          held_out: set[str], reuse: bool, **keys) -> Path:
+    """Train on 1,000 passkey problems of each of `levels` (none held out) from `init`; returns the model directory
+    (with `reuse`, the one a former run left there)."""
     if reuse and (out / "model" / "config.json").exists():
         return out / "model"
+    rng = random.Random(seed)
     data = out.with_suffix(".jsonl")
+    problems = (PASSKEY.generate(rng, level) for level in levels for _ in range(1000))
     write_jsonl(data, [p for p in problems if p.prompt not in held_out])
     shutil.rmtree(out, ignore_errors=True)
     run(load_config(None, {}, init=init, data=[str(data)], seq_len=seq_len, batch_size=batch, windows="documents",
@@ -146,27 +125,20 @@ def main() -> None:
     levels = {k: fitting_levels(tok, n) for k, n in lengths.items()}
     if not levels["1x"]:
         raise SystemExit(f"error: no passkey problem fits in --length {L} tokens with {args.base}'s tokenizer")
-    fill = {k: filling(tok, n) for k, n in lengths.items()}
-    # the held-out problems: at L the longest level (what the base is taught), at 4L and 16L haystacks that fill them
-    rng = random.Random(1234)
-    problems = {k: [PASSKEY.generate(rng, levels[k][-1]) if k == "1x" else PASSKEY.with_sentences(rng, fill[k])
-                    for _ in range(args.problems * 5)] for k in lengths}
+    rng = random.Random(1234)  # the held-out problems: the longest level that fits each length
+    problems = {k: [PASSKEY.generate(rng, levels[k][-1]) for _ in range(args.problems * 5)] for k in lengths}
     held_out = {p.prompt for ps in problems.values() for p in ps}
-    rng = random.Random(1)
-    taught = [PASSKEY.generate(rng, level) for level in levels["1x"] for _ in range(1000)]
-    base = train(work / "base", args.base, taught, L, args.base_steps, 8, held_out, args.reuse)
-    # each phase trains on long documents up to its length, as V3's extension phases do; the control gets the same
-    # phases, data and steps with RoPE left as it was (what training at the length does alone)
-    data4, data16 = (phase_problems(random.Random(seed), levels[k], fill[k]) for seed, k in ((2, "4x"), (3, "16x")))
-    setup = {"4x": (data4, 4 * L, args.steps[0], 4), "16x": (data16, 16 * L, args.steps[1], 1)}
-    phase1 = train(work / "extend-4x", str(base), *setup["4x"], held_out, args.reuse, stage="extend",
-                   extend={"factor": 4, "original_length": L})
-    extended = train(work / "extend-16x", str(phase1), *setup["16x"], held_out, args.reuse, stage="extend",
-                     extend={"factor": 16})
-    plain1 = train(work / "plain-4x", str(base), *setup["4x"], held_out, args.reuse, stage="extend",
-                   extend={"factor": 4, "original_length": L, "rope": "plain"})
-    plain = train(work / "plain-16x", str(plain1), *setup["16x"], held_out, args.reuse, stage="extend",
-                  extend={"factor": 16, "original_length": L, "rope": "plain"})
+    base = train(work / "base", args.base, levels["1x"], L, args.base_steps, 8, 1, held_out, args.reuse)
+    # each phase trains on its three longest levels: long documents, as V3's extension phases do
+    phase1 = train(work / "extend-4x", str(base), levels["4x"][-3:], 4 * L, args.steps[0], 4, 2, held_out,
+                   args.reuse, stage="extend", extend={"factor": 4, "original_length": L})
+    extended = train(work / "extend-16x", str(phase1), levels["16x"][-3:], 16 * L, args.steps[1], 1, 3, held_out,
+                     args.reuse, stage="extend", extend={"factor": 16})
+    # the control: the same phases, data and steps with RoPE left as it was (what training at the length does alone)
+    plain1 = train(work / "plain-4x", str(base), levels["4x"][-3:], 4 * L, args.steps[0], 4, 2, held_out,
+                   args.reuse, stage="extend", extend={"factor": 4, "original_length": L, "rope": "plain"})
+    plain = train(work / "plain-16x", str(plain1), levels["16x"][-3:], 16 * L, args.steps[1], 1, 3, held_out,
+                  args.reuse, stage="extend", extend={"factor": 16, "original_length": L, "rope": "plain"})
     train_seconds = sum(row.get("seconds", 0.0) for phase in ("base", "extend-4x", "extend-16x")
                         for row in read_metrics(work / phase / "metrics.jsonl"))  # the steps' own seconds
 
@@ -191,9 +163,8 @@ def main() -> None:
               for phase in ("extend-4x", "plain-4x", "extend-16x", "plain-16x")}
     speeds = {k: speed(extended_model, tok, n - 80) for k, n in lengths.items()}  # room for the new tokens
     cache = kv_cache_bytes_per_token(extended_model.cfg, 4)
-    out = {"base_model": args.base, "length": L, "levels": levels, "filler_sentences": fill,
-           "train_seconds": train_seconds, "phases": phases, "retrieval": results, "speed": speeds,
-           "cache_bytes_per_token": cache}
+    out = {"base_model": args.base, "length": L, "levels": levels, "train_seconds": train_seconds, "phases": phases,
+           "retrieval": results, "speed": speeds, "cache_bytes_per_token": cache}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     niah_figure(evals).savefig(Path(args.out).with_suffix(".png"), dpi=120)
