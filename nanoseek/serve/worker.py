@@ -60,6 +60,7 @@ class Update:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finished: Completion | None = None
     refused: str | None = None  # a SamplingError's message: the request gets a 400
+    first: bool = False  # the request's first update: the engine took it (its prompt tokens count)
 
 
 @dataclass
@@ -140,8 +141,6 @@ class EngineWorker:
                 job.key = next(self._keys)
                 job.completion = Completion(job.key, list(job.prompt_ids))
                 self._jobs[job.key] = job
-        for job in jobs:
-            self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         try:
             self._inbox.send([("submit", job.key, job.prompt_ids, job.params) for job in jobs])
         except OSError:  # the engine's process has just died; a new one is on its way
@@ -199,6 +198,8 @@ class EngineWorker:
             if u.refused is not None:
                 items.append((job, APIError(400, u.refused)))
                 continue
+            if u.first:
+                self.metrics.prompt_tokens.inc(len(job.prompt_ids))
             c = job.completion
             if u.prompt_logprobs is not None:
                 c.prompt_logprobs = u.prompt_logprobs
@@ -307,7 +308,7 @@ class EngineLoop:
             self.started.add(key)
             self.updates.append(Update(key, event.new_text, event.new_token_ids, event.logprobs,
                                        c.prompt_logprobs if first and c.prompt_logprobs else None,
-                                       c if event.finished else None))
+                                       c if event.finished else None, first=first))
             if event.finished:
                 del self.keys[c.id], self.completions[key]
                 self.started.discard(key)
