@@ -16,6 +16,7 @@ latent cache; the router's expert loads drive the aux-loss-free bias update; pro
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -54,21 +55,24 @@ class NanoseekPolicy:
     def prompt(self, text: str) -> list[int]:
         return self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+    @contextlib.contextmanager
+    def _engine_mode(self):
+        """The engine sets eval mode; the model's own mode comes back after."""
         training = self.model.training
         try:
-            return self.engine.generate(prompts, params)  # (sets eval mode)
+            yield
         finally:
             self.model.train(training)
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+        with self._engine_mode():
+            return self.engine.generate(prompts, params)
 
     def warmup(self, temperature: float) -> float:
         """With a compiled engine: build its decode graphs for rollouts at `temperature` (and greedy answers) before
         the first step, so that no step's time holds a compile. Returns the seconds."""
-        training = self.model.training
-        try:
+        with self._engine_mode():
             return self.engine.warmup([SamplingParams(temperature=temperature)])
-        finally:
-            self.model.train(training)
 
     def logprobs(self, ids: torch.Tensor, temperature: float, model: torch.nn.Module | None = None,
                  token_mask: torch.Tensor | None = None):
