@@ -71,8 +71,10 @@ def test_an_evaluation_of_passkeys_reads_by_length_and_depth_and_draws_the_heat_
 @pytest.mark.slow
 def test_a_tiny_model_extended_4x_retrieves_needles_it_missed(tmp_path):
     """V3's extension at test scale. A tiny model pretrained on passkey problems that fit in L = 64 tokens (1-6
-    filler sentences; the shortest passkey chat takes 37 tokens, so L = 32 holds none) misses the needle in problems
-    four times as long; 300 steps of `nanoseek extend` (YaRN, factor 4) at 4L find most of them."""
+    filler sentences; the shortest passkey chat takes 37 tokens, so L = 32 holds none) misses every needle in problems
+    four times as long; 300 steps of `nanoseek extend` (YaRN, factor 4) at 4L find the needles next to the question.
+    Those steps reliably reach that much; whether the copy from deeper in the haystack comes back within them
+    depends on the run's last bits (it took ~1,000 steps where it did)."""
     def problems(rng, lo, hi, n):
         return [PASSKEY.with_sentences(rng, rng.randint(lo, hi)) for _ in range(n)]
 
@@ -80,6 +82,7 @@ def test_a_tiny_model_extended_4x_retrieves_needles_it_missed(tmp_path):
     write_jsonl(tmp_path / "short.jsonl", problems(rng, 1, 6, 3000))
     write_jsonl(tmp_path / "long.jsonl", problems(rng, 1, 28, 3000))
     short, long = problems(random.Random(9), 6, 6, 40), problems(random.Random(9), 20, 28, 40)  # ~60, 130-190 tokens
+    near = [p for p in long if p.meta["depth"] == 1.0]  # the needle just before the question
     common = dict(preset="tiny", vocab_size=400, tokenizer_digits=1, windows="documents", warmup_steps=20,
                   save_every=10_000, eval_n=0)
     run(load_config(None, {}, **common, data=[str(tmp_path / "short.jsonl")], seq_len=64, batch_size=32, lr=3e-3,
@@ -91,9 +94,11 @@ def test_a_tiny_model_extended_4x_retrieves_needles_it_missed(tmp_path):
     base, extended = (Transformer.from_pretrained(tmp_path / name / "model").eval() for name in ("base", "extended"))
     accuracy = {(name, length): greedy_accuracy(model, tok, ps, max_new_tokens=16)["pass@1"]
                 for name, model in (("base", base), ("extended", extended))
-                for length, ps in (("L", short), ("4L", long))}
+                for length, ps in (("L", short), ("4L", long), ("4L near", near))}
+    assert len(near) >= 8, len(near)
     assert accuracy["base", "L"] >= 0.6 and accuracy["base", "4L"] <= 0.1, accuracy  # it retrieves, within L only
-    assert accuracy["extended", "4L"] >= accuracy["base", "4L"] + 0.4, accuracy
+    assert accuracy["base", "4L near"] <= 0.1 and accuracy["extended", "4L near"] >= 0.9, accuracy
+    assert accuracy["extended", "4L"] >= accuracy["base", "4L"] + 0.2, accuracy
 
 
 def test_extension_writes_yarn_into_the_config_and_keeps_the_weights(base, corpus, tmp_path):

@@ -71,6 +71,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, d/2)
+        if freqs.is_cpu and not torch.compiler.is_compiling():
+            # eager on a CPU: torch.polar takes cos and sin one element at a time; the vectorised float32 cos gives
+            # one of two results per process on some CPUs with two threads, which broke run-to-run determinism
+            rotation = torch.polar(torch.full_like(freqs, self.attention_factor), freqs)
+            return rotation.real, rotation.imag
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
 
