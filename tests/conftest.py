@@ -20,8 +20,13 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    """Every test starts from seed 0 and the process's thread count (`nanoseek serve` lowers it in-process; a run
+    in a subprocess with another count takes other reduction orders)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 TEXTS = ["What is 12+30? <think> 2+0=2, 1+3=4 </think> <answer>42</answer>", "Sort: 3, 1, 2", "hello world " * 5]
