@@ -86,6 +86,28 @@ def test_length_sorted_micro_batches_give_the_padded_batch_log_probs(base):
             assert [c.tolist() for c in parts[2]] == [c.tolist() for c in whole[2]]
 
 
+def test_log_probs_of_the_completions_alone_match_the_whole_rows_and_carry_their_gradient(base):
+    """With `targets` the head runs only where a log-prob is wanted (GRPO's completions): those log-probs, entropies
+    and the gradient they pass to the model equal the whole rows' ones, and every other position is zero."""
+    policy = load_policy(base)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (3, 12))
+    targets = torch.zeros(3, 11, dtype=torch.bool)
+    targets[0, 4:] = targets[1, 7:9] = True  # the last row wants none
+    grads = []
+    for wanted in (None, targets):
+        policy.model.zero_grad()
+        logp, entropy, _ = policy.logprobs(ids, 0.7, targets=wanted)
+        (logp * targets).sum().backward()
+        grads.append(policy.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.grad.clone())
+        if wanted is None:
+            whole = logp.detach(), entropy
+    assert torch.allclose(logp[targets], whole[0][targets], atol=1e-5)
+    assert torch.allclose(entropy[targets], whole[1][targets], atol=1e-5) and not entropy.requires_grad
+    assert not logp[~targets].any() and not entropy[~targets].any()
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[1], grads[0], atol=1e-6)
+
+
 def grpo_settings(corpus, out, base, **kw):
     return load_config(None, {}, **{**dict(stage="grpo", init=str(base), tasks="tasks-cpu-demo",
                                            data=[str(corpus.with_name("tasks-held-out.jsonl"))], eval_n=4,

@@ -15,7 +15,7 @@ from .rope import RotaryEmbedding
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V): position t predicts token t+1
+    logits: torch.Tensor  # (B, T, V): position t predicts token t+1; (M, V) with `logits_at`
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T-k, V), position t predicts t+k+1
     router: list[torch.Tensor] = field(default_factory=list)  # per MoE layer that ran: tokens per expert (E,);
     # the main model's layers first, then the MTP layers' when MTP ran, in the order of `moe_layers(model)`
@@ -109,13 +109,15 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: list[LatentCache] | None = None,
                 start_pos: int | torch.Tensor = 0, return_mtp: bool | None = None,
-                token_mask: torch.Tensor | None = None, cache_len: int | None = None) -> ModelOutput:
+                token_mask: torch.Tensor | None = None, cache_len: int | None = None,
+                logits_at: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, T). Without a cache: the whole causal sequence (training). With one: tokens at positions
         start_pos.. that attend to the cached prefix (decoding); start_pos may be a (B,) tensor, one per row.
         MTP logits by default only without a cache. token_mask (B, T): the tokens the main layers' router counts
         include (right-padding excluded); default all. cache_len (with a cache and tensor start_pos): no row
         reaches past position cache_len - 1; given, the forward has no data-dependent shapes (nothing is read
-        back from a tensor and the routed experts run without sorting tokens), so it compiles to one graph."""
+        back from a tensor and the routed experts run without sorting tokens), so it compiles to one graph.
+        logits_at (B, T) bool: the head runs only at those positions, logits (M, V) in row-major order."""
         B, T = input_ids.shape
         positions = positions_of(start_pos, B, T, input_ids.device)
         if cache_len is not None:
@@ -132,7 +134,7 @@ class Transformer(nn.Module):
             x, r = layer(x, rope, cache[i] if cache else None, start_pos, token_mask, cache_len)
             routing.append(r)
         h = self.norm(x)
-        out = ModelOutput(logits=self.lm_head(h), hidden=h)
+        out = ModelOutput(logits=self.lm_head(h if logits_at is None else h[logits_at]), hidden=h)
         if return_mtp if return_mtp is not None else cache is None:
             hiddens, mtp_routing = self.mtp_hidden(input_ids, h, rope)
             out.mtp_logits = [self.lm_head(hk) for hk in hiddens]

@@ -218,7 +218,7 @@ class RolloutSource:
         ids, mask, real = ids.to(device), mask.to(device), real.to(device)
 
         def logprobs(model=None):
-            return sequence_logprobs(self.policy, ids, real, g.temperature, g.logprob_tokens, model)[0]
+            return sequence_logprobs(self.policy, ids, real, g.temperature, g.logprob_tokens, model, mask.bool())[0]
 
         old = logprobs() if g.num_iterations > 1 else None
         ref = logprobs(self.reference) if self.reference is not None else None
@@ -234,11 +234,12 @@ def group_advantages(rewards: torch.Tensor, loss_type: str) -> torch.Tensor:
 
 
 def sequence_logprobs(policy, ids: torch.Tensor, real: torch.Tensor, temperature: float, max_tokens: int,
-                      model: torch.nn.Module | None = None):
+                      model: torch.nn.Module | None = None, targets: torch.Tensor | None = None):
     """`policy.logprobs` of right-padded rows ids (N, L) whose real tokens `real` (N, L) marks, run shortest first
     in micro-batches of at most `max_tokens` padded tokens (a longer row goes alone), each cut to its own longest
-    row: the padding that one long rollout would force on every row is not computed. Returns log-probs and
-    entropies (N, L-1) in the rows' order, zero past each micro-batch's width, and the expert loads summed."""
+    row: the padding that one long rollout would force on every row is not computed. targets (N, L-1): the
+    log-probs wanted (default all real ones). Returns log-probs and entropies (N, L-1) in the rows' order, zero past
+    each micro-batch's width and outside `targets`, and the expert loads summed."""
     lengths = real.sum(1).tolist()
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     chunks, current = [], []
@@ -253,7 +254,8 @@ def sequence_logprobs(policy, ids: torch.Tensor, real: torch.Tensor, temperature
     for rows in chunks:
         n = max(2, lengths[rows[-1]])
         index = torch.tensor(rows, device=ids.device)
-        logp, entropy, counts = policy.logprobs(ids[index, :n], temperature, model, token_mask=real[index, :n])
+        logp, entropy, counts = policy.logprobs(ids[index, :n], temperature, model, token_mask=real[index, :n],
+                                                targets=None if targets is None else targets[index, :n - 1])
         logps.append(F.pad(logp, (0, width - logp.shape[1])))
         entropies.append(F.pad(entropy, (0, width - entropy.shape[1])))
         loads = counts if loads is None else [a + b for a, b in zip(loads, counts)]
@@ -311,12 +313,15 @@ def grpo_loss_fn(g: GRPOSettings, policy):
             logp, _, loads = policy.logprobs(torch.full((1, 2), policy.pad_id, device=policy.device),
                                              g.temperature, model)
             return StepOutput(logp.sum() * 0.0, {**batch.metrics, "loss": 0.0}, [torch.zeros_like(c) for c in loads], 0)
-        logp, entropy, loads = sequence_logprobs(policy, batch.ids, batch.real, g.temperature, g.logprob_tokens, model)
+        logp, entropy, loads = sequence_logprobs(policy, batch.ids, batch.real, g.temperature, g.logprob_tokens, model,
+                                                 batch.mask.bool())
         entropy = entropy.detach()
         old = batch.old_logp if batch.old_logp is not None else logp.detach()
         loss, stats = grpo_loss(logp, old, batch.ref_logp, batch.advantages, batch.mask, g, counts)
         tokens = batch.mask.sum().clamp(min=1)
         metrics = {**batch.metrics, **stats, "entropy": float((entropy * batch.mask).sum() / tokens),
                    "loss": loss.item()}
+        # tokens for tokens/s and MFU: every real one, at the model's FLOPs per token (its head counted though it
+        # ran on the completions alone: at most the head's share of the FLOPs, 4% for the demo's model)
         return StepOutput(loss, metrics, loads, int(batch.real.sum()))
     return loss_fn

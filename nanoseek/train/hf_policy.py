@@ -131,9 +131,12 @@ class HFPolicy:
         return completions
 
     def logprobs(self, ids: torch.Tensor, temperature: float, model: torch.nn.Module | None = None,
-                 token_mask: torch.Tensor | None = None):
+                 token_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None):
         logits = (model if model is not None else self.model)(input_ids=ids, use_cache=False).logits
-        return (*token_logprobs(logits, ids, temperature), [])
+        chosen, entropy = token_logprobs(logits[:, :-1], ids[:, 1:], temperature)
+        if targets is not None:  # zero where not wanted, as NanoseekPolicy's
+            chosen, entropy = chosen * targets, entropy * targets
+        return chosen, entropy, []
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, estimated: 3 x (2 x the matmul weights + attention over (seq_len + 1) / 2 keys

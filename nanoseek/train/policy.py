@@ -3,8 +3,9 @@
     prompt(text)                       -> prompt ids (the chat-formatted user turn)
     generate(prompts, params)          -> completions (`engine.Completion`: token ids, text, finish reason)
     logprobs(ids, temperature, model,  -> log pi(ids[:, t+1] | ids[:, :t+1]) (N, L-1), entropies (N, L-1),
-             token_mask)                  tokens per expert per MoE layer, counting the tokens token_mask (N, L)
-                                          marks (padding excluded); empty for a dense model
+             token_mask, targets)         tokens per expert per MoE layer, counting the tokens token_mask (N, L)
+                                          marks (padding excluded); empty for a dense model. targets (N, L-1):
+                                          the log-probs wanted (zero elsewhere); default all
     save(dir), load(dir)               -> a Hugging Face directory (model + tokenizer), and the model read back
     greedy_accuracy(problems, n)       -> held-out greedy accuracy (`evaluate.greedy_accuracy`'s report)
 
@@ -20,6 +21,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..checkpoint import load_model
 from ..cost import flops_per_token
@@ -31,12 +33,14 @@ from ..tasks import Problem
 from ..tokenizer import Tokenizer
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (N, L, V) of ids (N, L) -> log-probs of ids[:, 1:] at the sampling temperature (N, L-1) and the
-    entropy of each of those distributions (N, L-1)."""
-    logp = (logits[:, :-1].float() / temperature).log_softmax(-1)
-    chosen = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (..., V) and the ids they predict (...) -> those ids' log-probs at the sampling temperature (...) and
+    the entropy of each distribution (...), the entropies without a gradient (a statistic)."""
+    logp = (logits.float() / temperature).log_softmax(-1)
+    chosen = logp.gather(-1, targets[..., None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
     return chosen, entropy
 
 
@@ -75,9 +79,17 @@ class NanoseekPolicy:
             return self.engine.warmup([SamplingParams(temperature=temperature)])
 
     def logprobs(self, ids: torch.Tensor, temperature: float, model: torch.nn.Module | None = None,
-                 token_mask: torch.Tensor | None = None):
-        out = (model if model is not None else self.model)(ids, return_mtp=False, token_mask=token_mask)
-        return (*token_logprobs(out.logits, ids, temperature), [c.detach() for c in out.router])
+                 token_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None):
+        model = model if model is not None else self.model
+        if targets is None:
+            out = model(ids, return_mtp=False, token_mask=token_mask)
+            return (*token_logprobs(out.logits[:, :-1], ids[:, 1:], temperature), [c.detach() for c in out.router])
+        # the head and the softmax run only where a log-prob is wanted (GRPO: the completions, not the prompts)
+        out = model(ids, return_mtp=False, token_mask=token_mask, logits_at=F.pad(targets, (0, 1)))
+        chosen, entropy = token_logprobs(out.logits, ids[:, 1:][targets], temperature)
+        zeros = torch.zeros(targets.shape, dtype=chosen.dtype, device=chosen.device)
+        return zeros.masked_scatter(targets, chosen), zeros.masked_scatter(targets, entropy), [c.detach() for c in
+                                                                                              out.router]
 
     def flops_per_token(self, seq_len: int) -> float:
         return flops_per_token(self.model.cfg, seq_len)["training"]
