@@ -56,8 +56,9 @@ class GRPOSettings:
     beta: float = 0.0  # k3 KL to the initial policy; 0 keeps no reference model
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
     mask_truncated: bool = True  # completions cut at max_new_tokens add no loss
-    logprob_tokens: int = 1024  # rollouts go through the policy sorted by length, in micro-batches of at most this
-    # many (padded) tokens: less padding, the same loss; raise it on a GPU
+    logprob_tokens: int = 768  # rollouts go through the policy sorted by length, in micro-batches of at most this
+    # many (padded) tokens: less padding, the same loss; on 1-2 CPU threads 384-1,024 were fastest for `mini`
+    # (768: 7% faster than 1,024 on one thread, as fast on two); raise it on a GPU
     temperature: float = 1.0
     max_new_tokens: int = 128
     format_weight: float = 0.0  # reward = accuracy (TinyZero's 0.1 for a well-formed wrong answer) + format
