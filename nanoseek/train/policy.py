@@ -81,15 +81,15 @@ class NanoseekPolicy:
     def logprobs(self, ids: torch.Tensor, temperature: float, model: torch.nn.Module | None = None,
                  token_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None):
         model = model if model is not None else self.model
+        # with targets, the head and the softmax run only where a log-prob is wanted (GRPO: the completions)
+        at = None if targets is None else F.pad(targets, (0, 1))
+        out = model(ids, return_mtp=False, token_mask=token_mask, logits_at=at)
+        loads = [c.detach() for c in out.router]
         if targets is None:
-            out = model(ids, return_mtp=False, token_mask=token_mask)
-            return (*token_logprobs(out.logits[:, :-1], ids[:, 1:], temperature), [c.detach() for c in out.router])
-        # the head and the softmax run only where a log-prob is wanted (GRPO: the completions, not the prompts)
-        out = model(ids, return_mtp=False, token_mask=token_mask, logits_at=F.pad(targets, (0, 1)))
+            return (*token_logprobs(out.logits[:, :-1], ids[:, 1:], temperature), loads)
         chosen, entropy = token_logprobs(out.logits, ids[:, 1:][targets], temperature)
         zeros = torch.zeros(targets.shape, dtype=chosen.dtype, device=chosen.device)
-        return zeros.masked_scatter(targets, chosen), zeros.masked_scatter(targets, entropy), [c.detach() for c in
-                                                                                              out.router]
+        return zeros.masked_scatter(targets, chosen), zeros.masked_scatter(targets, entropy), loads
 
     def flops_per_token(self, seq_len: int) -> float:
         return flops_per_token(self.model.cfg, seq_len)["training"]
